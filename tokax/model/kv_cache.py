@@ -1,0 +1,159 @@
+"""Explicit KV cache: a pytree passed into the decoder and returned by it.
+
+Layout: one K and one V array per layer, ``[B, S, KVH, Dh]``, plus per-slot
+position ids ``pos [B, S]`` (-1 marks an empty slot) and ``length [B]``, the
+next slot each row writes to. Attention masks come from ``pos``, never from
+slot indices, so rows may hold holes (right-padded prompts, rolled-back
+drafts) and a speculative method can
+
+* write several positions at once (``Decoder`` writes ``T`` new slots per call),
+* roll back to a shorter length (chains: the accepted drafts are a prefix), and
+* compact a just-written block to a chosen subset of its slots (trees: the
+  accepted path is scattered through the block).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from tokax.model.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    k: tuple  # n_layers x [B, S, KVH, Dh]
+    v: tuple  # n_layers x [B, S, KVH, Dh]
+    pos: jax.Array  # [B, S] int32 position id held by each slot, -1 = empty
+    length: jax.Array  # [B] int32 next slot to write
+
+    @property
+    def max_len(self) -> int:
+        return self.pos.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.pos.shape[0]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache for ``batch`` rows of ``max_len`` slots."""
+    if max_len > cfg.max_seq_len:
+        raise ValueError(
+            f"cache max_len={max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}; "
+            "shorten the prompt or max_new_tokens"
+        )
+    dtype = dtype or cfg.jnp_dtype
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+    return KVCache(
+        k=zeros,
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+        pos=jnp.full((batch, max_len), -1, jnp.int32),
+        length=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def _write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """buf[b, start[b]:start[b]+T] = new[b] for every row b."""
+
+    def one(b, n, s):
+        idx = (s,) + (0,) * (b.ndim - 1)
+        return jax.lax.dynamic_update_slice(b, n.astype(b.dtype), idx)
+
+    return jax.vmap(one)(buf, new, start)
+
+
+def write_positions(cache: KVCache, positions: jax.Array) -> KVCache:
+    """Record the position ids of ``T`` new slots (written at ``length``)."""
+    return cache.replace(pos=_write_rows(cache.pos, positions.astype(jnp.int32), cache.length))
+
+
+def write_layer(cache: KVCache, layer: int, k: jax.Array, v: jax.Array) -> KVCache:
+    """Write new K/V ``[B, T, KVH, Dh]`` for one layer at slots ``length .. length+T``."""
+    ks = list(cache.k)
+    vs = list(cache.v)
+    ks[layer] = _write_rows(cache.k[layer], k, cache.length)
+    vs[layer] = _write_rows(cache.v[layer], v, cache.length)
+    return cache.replace(k=tuple(ks), v=tuple(vs))
+
+
+def advance(cache: KVCache, n: int | jax.Array) -> KVCache:
+    """Move every row's write pointer forward by ``n`` slots."""
+    return cache.replace(length=cache.length + jnp.asarray(n, jnp.int32))
+
+
+def rollback(cache: KVCache, length: jax.Array) -> KVCache:
+    """Keep only slots ``< length[b]`` of each row (e.g. after a rejected draft).
+
+    K/V entries past the new length stay in memory but are masked out (their
+    position becomes -1) and are overwritten by the next write.
+    """
+    length = jnp.asarray(length, jnp.int32)
+    slot = jnp.arange(cache.max_len, dtype=jnp.int32)[None, :]
+    pos = jnp.where(slot < length[:, None], cache.pos, -1)
+    return cache.replace(pos=pos, length=length)
+
+
+def compact(cache: KVCache, start: jax.Array, keep: jax.Array, n_keep: jax.Array) -> KVCache:
+    """Keep only chosen slots of a block written at ``start``.
+
+    For each row b: slot ``start[b] + j`` takes the contents (K, V and
+    position) of slot ``start[b] + keep[b, j]`` for ``j < n_keep[b]``; the
+    row's length becomes ``start[b] + n_keep[b]`` and everything after it is
+    emptied. ``keep [B, M]`` holds offsets inside the block, in the order the
+    kept tokens should end up (a tree's accepted path, root first).
+    """
+    start = jnp.asarray(start, jnp.int32)
+    keep = jnp.asarray(keep, jnp.int32)
+    n_keep = jnp.asarray(n_keep, jnp.int32)
+    M = keep.shape[1]
+
+    def gather_block(buf):  # [B, S, ...] -> [B, M, ...]
+        def one(b, s, kp):
+            return jnp.take(b, s + kp, axis=0, mode="clip")
+
+        return jax.vmap(one)(buf, start, keep)
+
+    new_pos = gather_block(cache.pos)  # [B, M]
+    j = jnp.arange(M, dtype=jnp.int32)[None, :]
+    new_pos = jnp.where(j < n_keep[:, None], new_pos, -1)
+    ks = tuple(_write_rows(kk, gather_block(kk), start) for kk in cache.k)
+    vs = tuple(_write_rows(vv, gather_block(vv), start) for vv in cache.v)
+    pos = _write_rows(cache.pos, new_pos, start)
+    out = cache.replace(k=ks, v=vs, pos=pos)
+    return rollback(out, start + n_keep)
+
+
+def attention_mask(
+    cache: KVCache,
+    q_pos: jax.Array,
+    window: int | None,
+    block_mask: jax.Array | None = None,
+    block_start: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean mask ``[B, T, S]``: which cache slots each new query may attend.
+
+    A slot is visible when it holds a token (pos >= 0) at a position no later
+    than the query's and, for a sliding-window layer, within the window
+    (``q - window < k``). ``block_mask [B, T, T]`` further restricts the slots
+    of the block just written (starting at ``block_start``): for a token tree
+    it is the ancestor-or-self relation, so siblings at equal depth do not see
+    each other. Padding queries (position -1) see nothing.
+    """
+    k_pos = cache.pos[:, None, :]  # [B, 1, S]
+    qp = q_pos[:, :, None]  # [B, T, 1]
+    m = (k_pos >= 0) & (k_pos <= qp) & (qp >= 0)
+    if window is not None:
+        m = m & (k_pos > qp - window)
+    if block_mask is not None:
+        T = q_pos.shape[1]
+        S = cache.max_len
+        rel = jnp.arange(S, dtype=jnp.int32)[None, :] - block_start[:, None]  # [B, S]
+        in_block = (rel >= 0) & (rel < T)
+        # block_mask[b, t, rel] for in-block slots; True elsewhere.
+        idx = jnp.clip(rel, 0, T - 1)
+        bm = jnp.take_along_axis(block_mask, jnp.broadcast_to(idx[:, None, :], (idx.shape[0], T, S)), axis=2)
+        m = m & jnp.where(in_block[:, None, :], bm, True)
+    return m
