@@ -1,0 +1,23 @@
+"""Tokenizers: GGUF vocabulary -> sentencepiece model, and a small `Tokenizer` around it.
+
+`tokax.tokenize` is a leaf package: it imports nothing from the rest of tokax.
+"""
+
+from tokax.tokenize.gguf_vocab import (
+    GGUFVocab,
+    build_sentencepiece_proto,
+    read_gguf_metadata,
+    read_gguf_vocab,
+    sentencepiece_proto_from_gguf,
+)
+from tokax.tokenize.tokenizer import Tokenizer, load_gemma3_tokenizer
+
+__all__ = [
+    "GGUFVocab",
+    "Tokenizer",
+    "build_sentencepiece_proto",
+    "load_gemma3_tokenizer",
+    "read_gguf_metadata",
+    "read_gguf_vocab",
+    "sentencepiece_proto_from_gguf",
+]
