@@ -158,3 +158,21 @@ def test_config_errors():
         mc.tiny(dtype="float16")
     with pytest.raises(ValueError, match="max_seq_len"):
         kvc.init_cache(mc.tiny(), 1, 10_000)
+
+
+def test_cache_free_forward_and_packed_segments(tiny):
+    cfg, params = tiny
+    rs = np.random.RandomState(6)
+    a = rs.randint(0, cfg.vocab_size, size=10).tolist()
+    b = rs.randint(0, cfg.vocab_size, size=6).tolist()
+    lg, _, c = forward(cfg, params, jnp.asarray([a]), jnp.arange(10)[None], None)
+    assert c is None
+    ref_a = numpy_reference.forward(cfg, params, a)
+    assert rel_err(np.asarray(lg[0]), ref_a) < 1e-5
+    # Two sequences packed in one row: positions restart, segment ids separate them.
+    packed = jnp.asarray([a + b])
+    pos = jnp.asarray([list(range(10)) + list(range(6))])
+    seg = jnp.asarray([[0] * 10 + [1] * 6])
+    lg, _, _ = forward(cfg, params, packed, pos, None, segment_ids=seg)
+    assert rel_err(np.asarray(lg[0, 10:]), numpy_reference.forward(cfg, params, b)) < 1e-5
+    assert rel_err(np.asarray(lg[0, :10]), ref_a) < 1e-5

@@ -47,6 +47,19 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def sequence_mask(positions: jax.Array, window: int | None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """``[B, T, T]`` causal mask by position (optionally windowed and within
+    equal segment ids, for packed sequences); position -1 is padding."""
+    qp = positions[:, :, None]
+    kp = positions[:, None, :]
+    m = (kp <= qp) & (kp >= 0) & (qp >= 0)
+    if window is not None:
+        m = m & (kp > qp - window)
+    if segment_ids is not None:
+        m = m & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return m
+
+
 def _normal(std: float):
     return nn.initializers.normal(stddev=std)
 
@@ -56,7 +69,7 @@ class Block(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, cache: kvc.KVCache, block_mask, block_start):
+    def __call__(self, x, positions, cache: kvc.KVCache | None, block_mask, block_start, segment_ids=None):
         cfg = self.cfg
         D, H, KVH, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
         dt = cfg.jnp_dtype
@@ -73,9 +86,13 @@ class Block(nn.Module):
         q = rope(q, positions, base)
         k = rope(k, positions, base)
 
-        cache = kvc.write_layer(cache, self.layer, k, v)
-        mask = kvc.attention_mask(cache, positions, cfg.window(self.layer), block_mask, block_start)
-        a = attend(cfg.attention_impl, q, cache.k[self.layer], cache.v[self.layer], mask, cfg.attn_scale)
+        if cache is None:  # training / scoring: attend within the given tokens
+            mask = sequence_mask(positions, cfg.window(self.layer), segment_ids)
+            a = attend(cfg.attention_impl, q, k, v, mask, cfg.attn_scale)
+        else:
+            cache = kvc.write_layer(cache, self.layer, k, v)
+            mask = kvc.attention_mask(cache, positions, cfg.window(self.layer), block_mask, block_start)
+            a = attend(cfg.attention_impl, q, cache.k[self.layer], cache.v[self.layer], mask, cfg.attn_scale)
         a = jnp.einsum("bthk,hkd->btd", a, p("o", (H, Dh, D), _normal((H * Dh) ** -0.5)))
         x = x + rms_norm(a, p("post_attn_norm", (D,), zeros), cfg.rms_eps)
 
@@ -88,8 +105,12 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """``apply(params, tokens, positions, cache, block_mask=None)`` ->
-    ``(logits, hidden, new_cache)``.
+    """``apply(params, tokens, positions, cache=None, block_mask=None,
+    return_logits=True, segment_ids=None)`` -> ``(logits, hidden, new_cache)``.
+
+    With ``cache=None`` (training, scoring) the tokens attend only to each
+    other (causal by position, within equal ``segment_ids`` when packed) and
+    the returned cache is ``None``.
 
     tokens, positions: ``[B, T]``; a position of -1 marks padding (written to
     the cache as an empty slot, attends to nothing). The ``T`` new tokens are
@@ -109,15 +130,24 @@ class Decoder(nn.Module):
         self.final_norm = self.param("final_norm", nn.initializers.zeros, (cfg.d_model,), cfg.jnp_dtype)
         self.blocks = [Block(cfg, i, name=f"layer_{i}") for i in range(cfg.n_layers)]
 
-    def __call__(self, tokens, positions, cache: kvc.KVCache, block_mask=None, return_logits: bool = True):
+    def __call__(self, tokens, positions, cache: kvc.KVCache | None = None, block_mask=None,
+                 return_logits: bool = True, segment_ids=None):
         cfg = self.cfg
         positions = positions.astype(jnp.int32)
-        block_start = cache.length
         x = jnp.take(self.embed, tokens, axis=0) * jnp.asarray(math.sqrt(cfg.d_model), cfg.jnp_dtype)
-        cache = kvc.write_positions(cache, positions)
-        for blk in self.blocks:
-            x, cache = blk(x, positions, cache, block_mask, block_start)
-        cache = kvc.advance(cache, tokens.shape[1])
+        if cache is None:
+            if block_mask is not None:
+                raise ValueError("block_mask needs a cache (it restricts the block written to it)")
+            for blk in self.blocks:
+                x, _ = blk(x, positions, None, None, None, segment_ids)
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for cache-free (training) calls; pass cache=None")
+            block_start = cache.length
+            cache = kvc.write_positions(cache, positions)
+            for blk in self.blocks:
+                x, cache = blk(x, positions, cache, block_mask, block_start)
+            cache = kvc.advance(cache, tokens.shape[1])
         hidden = rms_norm(x, self.final_norm, cfg.rms_eps)
         logits = self.unembed(hidden) if return_logits else None
         return logits, hidden, cache
@@ -135,9 +165,9 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     return model.init(rng, tok, jnp.zeros((1, 1), jnp.int32), cache)["params"]
 
 
-def forward(cfg: ModelConfig, params: Params, tokens, positions, cache, block_mask=None, return_logits=True):
+def forward(cfg: ModelConfig, params: Params, tokens, positions, cache=None, block_mask=None, return_logits=True, segment_ids=None):
     """Functional form of ``Decoder(cfg).apply``."""
-    return Decoder(cfg).apply({"params": params}, tokens, positions, cache, block_mask, return_logits)
+    return Decoder(cfg).apply({"params": params}, tokens, positions, cache, block_mask, return_logits, segment_ids)
 
 
 def unembed(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
@@ -146,3 +176,4 @@ def unembed(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
 
 # Jitted ``forward`` (the config is static; one compile per input shape).
 forward_jit = jax.jit(forward, static_argnums=(0,), static_argnames=("return_logits",))
+
