@@ -1,0 +1,77 @@
+"""Real Gemma 3 270M: tokax (float32) against HF transformers on the same GGUF.
+
+The fixture test needs no torch (tests/model/make_reference_fixture.py wrote
+the reference); the live test recomputes it when the `bench` extra is there.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FIXTURE = Path(__file__).parent / "fixtures" / "hf_reference.npz"
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from tokax.decode.generate import Generator
+    from tokax.model.loaders.gguf import load_gemma3
+    from tokax.tokenize import load_gemma3_tokenizer
+
+    cfg, params = load_gemma3("float32")
+    tok = load_gemma3_tokenizer()
+    return Generator(cfg, params, tok), tok
+
+
+def last_logits(gen, ids):
+    import jax.numpy as jnp
+
+    from tokax.decode.generate import pad_prompts, prefill
+    from tokax.model import kv_cache as kvc
+
+    prompt, lens = pad_prompts([list(ids)], gen.pad_id)
+    cache = kvc.init_cache(gen.cfg, 1, prompt.shape[1])
+    lg, _ = prefill(gen.cfg, gen.params, jnp.asarray(prompt), jnp.asarray(lens), cache)
+    return np.asarray(lg[0])
+
+
+def test_against_fixture(gemma):
+    gen, tok = gemma
+    ref = np.load(FIXTURE)
+    n = int(ref["n"])
+    assert n >= 5
+    from tests.model.hf_reference import PROMPTS
+
+    prompts = []
+    for i in range(n):
+        ids = ref[f"ids_{i}"].tolist()
+        assert tok.encode(PROMPTS[i], add_bos=True) == ids  # same tokenization as HF
+        lg = last_logits(gen, ids)
+        idx = ref[f"logit_idx_{i}"]
+        rel = np.abs(lg[idx] - ref[f"logit_val_{i}"]).max() / float(ref[f"absmax_{i}"])
+        assert rel <= 1e-3, (i, rel)
+        assert np.argsort(-lg)[:5].tolist() == ref[f"top5_{i}"].tolist()
+        prompts.append(ids)
+    # Greedy 64-token continuations, all prompts in one ragged batch.
+    outs = gen.generate(prompts, max_new_tokens=64)
+    for i, out in enumerate(outs):
+        hf = ref[f"greedy_{i}"].tolist()
+        assert out[: len(hf)] == hf, i
+
+
+def test_live_against_hf_transformers(gemma):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests.model.hf_reference import hf_outputs
+
+    gen, _ = gemma
+    rows = hf_outputs(64)
+    outs = gen.generate([r["ids"].tolist() for r in rows], max_new_tokens=64)
+    for r, out in zip(rows, outs):
+        lg = last_logits(gen, r["ids"].tolist())
+        rel = np.abs(lg - r["logits"]).max() / np.abs(r["logits"]).max()
+        assert rel <= 1e-3, rel
+        assert np.argsort(-lg)[:5].tolist() == np.argsort(-r["logits"])[:5].tolist()
+        assert out == r["greedy"].tolist()[: len(out)] and len(out) == len(r["greedy"])
