@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -43,28 +44,25 @@ _BLOCK_MAP = {
 
 def read_gguf_config(path: str | Path, dtype: str = "float32"):
     """A ``ModelConfig`` from the GGUF metadata (Gemma 3 architecture only)."""
-    import gguf
-
     from tokax.model.config import gemma3_270m
+    from tokax.tokenize import read_gguf_metadata
 
-    r = gguf.GGUFReader(str(path))
+    meta = read_gguf_metadata(path)
 
     def field(name):
-        f = r.fields.get(name)
-        if f is None:
+        if name not in meta:
             raise KeyError(f"GGUF {path} lacks metadata key {name!r}")
-        return f.contents()
+        return meta[name]
 
     arch = field("general.architecture")
     if arch != "gemma3":
         raise ValueError(f"GGUF architecture {arch!r} is not supported; tokax loads 'gemma3'")
-    n_heads = int(field("gemma3.attention.head_count"))
     return gemma3_270m(
         dtype=dtype,
-        vocab_size=len(r.fields["tokenizer.ggml.tokens"].data),
+        vocab_size=len(field("tokenizer.ggml.tokens")),
         d_model=int(field("gemma3.embedding_length")),
         n_layers=int(field("gemma3.block_count")),
-        n_heads=n_heads,
+        n_heads=int(field("gemma3.attention.head_count")),
         n_kv_heads=int(field("gemma3.attention.head_count_kv")),
         head_dim=int(field("gemma3.attention.key_length")),
         ffn_dim=int(field("gemma3.feed_forward_length")),
@@ -128,14 +126,71 @@ def load_gguf_params(path: str | Path, cfg, progress: bool = False) -> dict:
     return params
 
 
-def load_gemma3(dtype: str = "float32", progress: bool = False, cache_dir=None):
+_LOADER_VERSION = 1  # bump when the GGUF -> params mapping changes
+
+
+def _flat_cache_dir(path: Path) -> Path:
+    import hashlib
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{_LOADER_VERSION}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TOKAX_CACHE", Path.home() / ".cache" / "tokax"))
+    return root / f"{path.stem}-f32-{key}"
+
+
+def _save_flat(params: dict, out: Path) -> None:
+    import numpy as np
+
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, arr in _flatten(params):
+        np.save(tmp / f"{name}.npy", arr)
+    tmp.rename(out)  # atomic: a half-written cache is never read
+
+
+def _load_flat(out: Path) -> dict:
+    import numpy as np
+
+    params: dict = {}
+    for f in sorted(out.glob("*.npy")):
+        node = params
+        *parents, leaf = f.stem.split("--")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = np.load(f, mmap_mode="r")
+    return params
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}--")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def load_gemma3(dtype: str = "float32", progress: bool = False, cache_dir=None, use_cache: bool = True):
     """(cfg, params) for Gemma 3 270M from its PyPI package, params as jax arrays
-    of ``dtype`` (float32 or bfloat16)."""
+    of ``dtype`` (float32 or bfloat16).
+
+    Dequantizing the GGUF takes ~20 s on 2 cores, so the float32 result is
+    kept as .npy files under ``$TOKAX_CACHE`` (default ``~/.cache/tokax``),
+    keyed by the GGUF file and the loader version; later loads memory-map it.
+    """
     import jax
     import jax.numpy as jnp
 
     path = gemma3_gguf_path(cache_dir)
     cfg = read_gguf_config(path, dtype=dtype)
-    params = load_gguf_params(path, cfg, progress=progress)
+    flat = _flat_cache_dir(path)
+    if use_cache and flat.is_dir():
+        params = _load_flat(flat)
+    else:
+        params = load_gguf_params(path, cfg, progress=progress)
+        if use_cache:
+            try:
+                _save_flat(params, flat)
+            except OSError:  # read-only home, full disk: loading still works
+                pass
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=cfg.jnp_dtype), params)
     return cfg, params
