@@ -33,10 +33,46 @@ def reference_attention(
     return o.reshape(B, T, H, Dh).astype(q.dtype)
 
 
-def attend(impl: str, q, k, v, mask, scale):
-    """Dispatch on ``ModelConfig.attention_impl``."""
-    if impl == "reference":
-        return reference_attention(q, k, v, mask, scale)
+def dense_mask(q_pos, kv_pos, window, q_seg=None, kv_seg=None, extra=None):
+    """``[B, T, S]`` visibility: causal by position (``kv <= q``), key slot
+    filled (``kv >= 0``), query real (``q >= 0``), within the sliding window
+    (``q - window < kv``), same segment, and an optional extra mask."""
+    qp = q_pos[:, :, None]
+    kp = kv_pos[:, None, :]
+    m = (kp <= qp) & (kp >= 0) & (qp >= 0)
+    if window is not None:
+        m = m & (kp > qp - window)
+    if q_seg is not None:
+        m = m & (q_seg[:, :, None] == kv_seg[:, None, :])
+    if extra is not None:
+        m = m & extra
+    return m
+
+
+def attend(impl: str, q, k, v, scale, q_pos, kv_pos, window, q_seg=None, kv_seg=None, extra_mask=None):
+    """Attention of queries at ``q_pos [B, T]`` over keys at ``kv_pos [B, S]``
+    (-1 = padding / empty slot), dispatched on ``ModelConfig.attention_impl``.
+
+    ``reference``: the einsum oracle with a dense mask. ``flash``: the Pallas
+    kernel (interpret mode on CPU), which takes positions and segment ids
+    instead of a dense mask; a token-tree ``extra_mask`` is not expressible
+    that way, so such calls (tree verification) use the reference path.
+    """
+    if impl == "flash" and extra_mask is None:
+        from tokax.kernels.flash_attention import flash_attention_with_lse
+
+        # Empty slots / padding get their own segment so no real query sees them.
+        qs = jnp.zeros_like(q_pos) if q_seg is None else q_seg
+        ks = jnp.zeros_like(kv_pos) if kv_seg is None else kv_seg
+        qs = jnp.where(q_pos >= 0, qs, -1)
+        ks = jnp.where(kv_pos >= 0, ks, -2)
+        out, _ = flash_attention_with_lse(
+            q, k, v, causal=True, window=window, segment_ids=qs, kv_segment_ids=ks,
+            q_positions=q_pos, kv_positions=kv_pos, scale=scale,
+        )
+        return out.astype(q.dtype)
+    if impl in ("reference", "flash"):
+        return reference_attention(q, k, v, dense_mask(q_pos, kv_pos, window, q_seg, kv_seg, extra_mask), scale)
     raise NotImplementedError(
-        f"attention_impl={impl!r} is not wired into the decoder yet; use 'reference'"
+        f"attention_impl={impl!r} is not wired into the decoder; use 'reference' or 'flash'"
     )

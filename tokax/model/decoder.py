@@ -47,19 +47,6 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def sequence_mask(positions: jax.Array, window: int | None, segment_ids: jax.Array | None = None) -> jax.Array:
-    """``[B, T, T]`` causal mask by position (optionally windowed and within
-    equal segment ids, for packed sequences); position -1 is padding."""
-    qp = positions[:, :, None]
-    kp = positions[:, None, :]
-    m = (kp <= qp) & (kp >= 0) & (qp >= 0)
-    if window is not None:
-        m = m & (kp > qp - window)
-    if segment_ids is not None:
-        m = m & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return m
-
-
 def _normal(std: float):
     return nn.initializers.normal(stddev=std)
 
@@ -86,13 +73,14 @@ class Block(nn.Module):
         q = rope(q, positions, base)
         k = rope(k, positions, base)
 
+        window = cfg.window(self.layer)
         if cache is None:  # training / scoring: attend within the given tokens
-            mask = sequence_mask(positions, cfg.window(self.layer), segment_ids)
-            a = attend(cfg.attention_impl, q, k, v, mask, cfg.attn_scale)
+            a = attend(cfg.attention_impl, q, k, v, cfg.attn_scale, positions, positions, window, segment_ids, segment_ids)
         else:
             cache = kvc.write_layer(cache, self.layer, k, v)
-            mask = kvc.attention_mask(cache, positions, cfg.window(self.layer), block_mask, block_start)
-            a = attend(cfg.attention_impl, q, cache.k[self.layer], cache.v[self.layer], mask, cfg.attn_scale)
+            extra = None if block_mask is None else kvc.block_visibility(cache, block_mask, block_start)
+            a = attend(cfg.attention_impl, q, cache.k[self.layer], cache.v[self.layer], cfg.attn_scale,
+                       positions, cache.pos, window, extra_mask=extra)
         a = jnp.einsum("bthk,hkd->btd", a, p("o", (H, Dh, D), _normal((H * Dh) ** -0.5)))
         x = x + rms_norm(a, p("post_attn_norm", (D,), zeros), cfg.rms_eps)
 

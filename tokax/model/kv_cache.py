@@ -126,34 +126,15 @@ def compact(cache: KVCache, start: jax.Array, keep: jax.Array, n_keep: jax.Array
     return rollback(out, start + n_keep)
 
 
-def attention_mask(
-    cache: KVCache,
-    q_pos: jax.Array,
-    window: int | None,
-    block_mask: jax.Array | None = None,
-    block_start: jax.Array | None = None,
-) -> jax.Array:
-    """Boolean mask ``[B, T, S]``: which cache slots each new query may attend.
-
-    A slot is visible when it holds a token (pos >= 0) at a position no later
-    than the query's and, for a sliding-window layer, within the window
-    (``q - window < k``). ``block_mask [B, T, T]`` further restricts the slots
-    of the block just written (starting at ``block_start``): for a token tree
-    it is the ancestor-or-self relation, so siblings at equal depth do not see
-    each other. Padding queries (position -1) see nothing.
-    """
-    k_pos = cache.pos[:, None, :]  # [B, 1, S]
-    qp = q_pos[:, :, None]  # [B, T, 1]
-    m = (k_pos >= 0) & (k_pos <= qp) & (qp >= 0)
-    if window is not None:
-        m = m & (k_pos > qp - window)
-    if block_mask is not None:
-        T = q_pos.shape[1]
-        S = cache.max_len
-        rel = jnp.arange(S, dtype=jnp.int32)[None, :] - block_start[:, None]  # [B, S]
-        in_block = (rel >= 0) & (rel < T)
-        # block_mask[b, t, rel] for in-block slots; True elsewhere.
-        idx = jnp.clip(rel, 0, T - 1)
-        bm = jnp.take_along_axis(block_mask, jnp.broadcast_to(idx[:, None, :], (idx.shape[0], T, S)), axis=2)
-        m = m & jnp.where(in_block[:, None, :], bm, True)
-    return m
+def block_visibility(cache: KVCache, block_mask: jax.Array, block_start: jax.Array) -> jax.Array:
+    """``[B, T, S]``: ``block_mask [B, T, T]`` (which new tokens each new token
+    may see, e.g. a tree's ancestor-or-self relation, so that siblings at equal
+    depth do not see each other) spread over the cache slots of the block
+    written at ``block_start``; True for every slot outside the block."""
+    T = block_mask.shape[1]
+    S = cache.max_len
+    rel = jnp.arange(S, dtype=jnp.int32)[None, :] - block_start[:, None]  # [B, S]
+    in_block = (rel >= 0) & (rel < T)
+    idx = jnp.broadcast_to(jnp.clip(rel, 0, T - 1)[:, None, :], (rel.shape[0], T, S))
+    bm = jnp.take_along_axis(block_mask, idx, axis=2)
+    return jnp.where(in_block[:, None, :], bm, True)
