@@ -54,18 +54,19 @@ def measure_bandwidth(mb: int = 512, reps: int = 5) -> float:
 def bench_tokax(prompt_ids, batch: int, new_tokens: int, reps: int):
     import jax
 
-    from tokax.decode.generate import Generator
+    from tokax.decode.generate import Generator, bucket
     from tokax.model.loaders.gguf import load_gemma3
 
     cfg, params = load_gemma3("float32")
     gen = Generator(cfg, params, eos_ids=(), pad_id=0)  # no stop token: exactly new_tokens
     batches = [prompt_ids[i : i + batch] for i in range(0, len(prompt_ids), batch)][: max(1, 8 // batch)]
-    gen.generate(batches[0], new_tokens)  # compile
+    pad_to = bucket(max(len(x) for x in prompt_ids))  # one compiled program for all batches
+    gen.generate(batches[0], new_tokens, pad_to=pad_to)  # compile
     n, dt = 0, 0.0
     for _ in range(reps):
         for b in batches:
             t = time.perf_counter()
-            out = gen.generate(b, new_tokens)
+            out = gen.generate(b, new_tokens, pad_to=pad_to)
             dt += time.perf_counter() - t
             n += sum(len(o) for o in out)
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))

@@ -172,14 +172,22 @@ class Generator:
         max_new_tokens: int | Sequence[int] = 64,
         sampling: SamplingParams | None = None,
         seed: int = 0,
+        pad_to: int | None = None,
     ) -> list[list[int]]:
-        """Generated ids (prompt excluded, stop token included) per prompt."""
+        """Generated ids (prompt excluded, stop token included) per prompt.
+
+        ``pad_to`` fixes the padded prompt length (default: the power-of-two
+        bucket of the longest prompt); callers with many batches pass one
+        value for all of them so that a single program serves every batch.
+        """
         ids = self.encode(prompts)
         B = len(ids)
         budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (B,)).copy()
         if (budgets < 0).any():
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        prompt, lens = pad_prompts(ids, self.pad_id)
+        if pad_to is not None and pad_to < max(len(x) for x in ids):
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest prompt ({max(len(x) for x in ids)} tokens)")
+        prompt, lens = pad_prompts(ids, self.pad_id, pad_to)
         N = bucket(int(budgets.max()), minimum=16)
         total = prompt.shape[1] + N
         if total > self.cfg.max_seq_len:
