@@ -106,13 +106,20 @@ JOBS = {
 }
 
 
-def _train(c):
-    from tokax.train.trainer import run
+def _lazy(module: str, fn: str = "run"):
+    """A job implemented in another module, imported only when it runs."""
 
-    return run(c)
+    def job(c):
+        import importlib
+
+        return getattr(importlib.import_module(module), fn)(c)
+
+    return job
 
 
-JOBS["train"] = _train
+JOBS["train"] = _lazy("tokax.train.trainer")
+JOBS["speculative"] = _lazy("tokax.jobs.speculative")
+JOBS["byte_sample"] = _lazy("tokax.jobs.byte_sample")
 
 
 def main(argv):
