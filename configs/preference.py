@@ -53,7 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.eval_path = ""
     c.data.n_examples = 2000
     c.data.n_eval_examples = 128
-    c.data.seq_len = 96
+    c.data.context_lines = 4  # prompt = up to this many lines of the function before the target line
+    c.data.seq_len = 128
     c.data.batch_size = 16
     c.data.eval_batch_size = 32
     c.data.bad_examples = "skip"
@@ -65,7 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "gemma":
         _sft.gemma_overrides(c)
         c.workdir = "/tmp/tokax_preference_gemma"
-        c.data.seq_len = 128
+        c.data.context_lines = 8
+        c.data.seq_len = 192
         c.optimizer.lr = 5e-5
         c.total_steps = 100
         c.eval_every = 25

@@ -12,7 +12,6 @@ attention projections and Gemma's tokenizer.
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
 
 from tokax.train.sharding import DEFAULT_RULES
 
