@@ -146,6 +146,7 @@ class StepSpec:
     teacher: ModelConfig | None = None  # distillation
     logprob_chunk: int | None = None  # vocabulary chunk of the log-prob / KL kernels; None: full softmax
     log_ref_kl: bool = True  # log KL(pi_ref || pi) on completion tokens (reference losses)
+    logprobs_impl: str = "auto"  # 'auto' (chunked scan if logprob_chunk else full) | 'chunked_kernel' (Pallas)
 
     def __post_init__(self):
         if self.loss not in SUPPORTED_LOSSES:
@@ -153,6 +154,8 @@ class StepSpec:
                 f"loss={self.loss!r} is not supported by the trainer; choose one of {list(SUPPORTED_LOSSES)}"
                 + (" (treg needs token-level rewards from contrastive prompting, not wired here)" if self.loss == "treg" else "")
             )
+        if self.logprobs_impl not in ("auto", "chunked_kernel"):
+            raise ValueError(f"logprobs_impl={self.logprobs_impl!r}: use 'auto' or 'chunked_kernel'")
         if self.loss == "distill" and self.teacher is None:
             raise ValueError("loss='distill' needs a teacher model config (config.teacher)")
 
@@ -186,15 +189,26 @@ def make_loss_fn(spec: StepSpec, mesh=None, rules=()) -> Callable:
     cfg = spec.model
     chunk = spec.logprob_chunk
 
-    def lp_of(params, hidden, targets):
-        return token_logprobs(hidden, params["embed"], targets, chunk_size=chunk)
+    def lp_of(params, hidden, targets, return_lse=False):
+        if spec.logprobs_impl == "chunked_kernel":  # Pallas kernel (interpret mode on CPU)
+            from tokax.kernels.logprobs import chunked_logprobs
+
+            emb = params["embed"]
+            tgt = jnp.clip(targets, 0, cfg.vocab_size - 1)
+            lp = chunked_logprobs(hidden, emb, tgt, chunk_size=chunk or 128)
+            if not return_lse:
+                return lp
+            # log p(t) = logit_t - lse, and logit_t is one row of the embedding: no [V] pass needed.
+            logit_t = jnp.einsum("btd,btd->bt", hidden.astype(jnp.float32), jnp.take(emb, tgt, axis=0).astype(jnp.float32))
+            return lp, logit_t - lp
+        return token_logprobs(hidden, params["embed"], targets, chunk_size=chunk, return_lse=return_lse)
 
     def token_loss(trainable, frozen, mb, loss_state):
         params = _policy(spec, trainable, frozen)
         h = _hidden(cfg, params, mb["tokens"], mb["positions"], mb["segment_ids"], mesh, rules)
         mask = mb["mask"]
         if spec.loss == "sft":
-            lp, lse = token_logprobs(h, params["embed"], mb["targets"], chunk_size=chunk, return_lse=True)
+            lp, lse = lp_of(params, h, mb["targets"], return_lse=True)
             batch = TokenBatch(mask=mask, token_logps=lp, lse=lse)
         else:  # distill: KL(teacher || student) per position
             t = frozen["teacher"]
@@ -722,6 +736,7 @@ def run(config: Any, *, on_step: Callable[[int, dict[str, float]], None] | None 
         model=cfg, loss=loss_name, loss_kwargs=_loss_kwargs(loss_name, _get(config, "loss_kwargs", None)),
         lora_alpha=float(lc.alpha) if use_lora else None, teacher=teacher_cfg,
         logprob_chunk=int(_get(config, "logprob_chunk", 0)) or None, log_ref_kl=bool(_get(config, "log_ref_kl", True)),
+        logprobs_impl=str(_get(config, "logprobs_impl", "auto")),
     )
     frozen: dict[str, Any] = {}
     if use_lora:
