@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.rules = DEFAULT_RULES
 
     c.logprob_chunk = 0  # vocabulary chunk for the log-prob kernels; 0 = full softmax (small V)
+    c.logprobs_impl = "auto"  # or "chunked_kernel": the Pallas log-prob kernel (interpret mode on CPU)
     c.log_ref_kl = True
     c.nonfinite = "skip"  # 'skip' (logged, params unchanged) | 'error'
     c.max_consecutive_nonfinite = 10
