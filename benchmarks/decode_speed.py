@@ -133,6 +133,7 @@ def main():
     batches = [1] + ([] if args.no_batch8 else [8])
     res: dict = {"model": "gemma3-270m (GGUF Q4_K_M dequantized to float32)", "new_tokens": args.new_tokens,
                  "prompts": len(PROMPTS), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+    res["load_avg_start"] = os.getloadavg()[0]  # other work on the machine skews both sides
     bw = measure_bandwidth()
     for b in batches:
         log(f"tokax batch {b} ...")
@@ -158,6 +159,7 @@ def main():
     if lc is not None:
         res["llama_cpp_tok_s_b1"] = lc
 
+    res["load_avg_end"] = os.getloadavg()[0]
     print(f"\nGreedy decode, {args.new_tokens} new tokens, {res['model']}, {res['machine']}")
     print(f"{'batch':>5} {'tokax tok/s':>12} {'HF tok/s':>10} {'ratio':>7}")
     for b in batches:
@@ -166,6 +168,7 @@ def main():
         print(f"llama.cpp (Q4_K_M, batch 1): {lc:.1f} tok/s")
     print(f"bandwidth floor at batch 1: {nbytes / 1e9:.2f} GB of weights per token / {bw / 1e9:.1f} GB/s "
           f"= {res['floor_tok_s_b1']:.1f} tok/s upper bound (tokax reaches {res['tokax_tok_s_b1'] / res['floor_tok_s_b1']:.0%})")
+    print(f"load average (1 min) at start/end: {res['load_avg_start']:.1f} / {res['load_avg_end']:.1f}")
     if args.json:
         out = dict(res, tokax_tok_s=res["tokax_tok_s_b1"], hf_tok_s=res.get("hf_tok_s_b1"), ratio=res.get("ratio_b1"))
         print(json.dumps(out))
