@@ -18,13 +18,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a config file in configs/", lock_config=True)
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _check(cond: bool, key: str, value, fix: str):
-    if not cond:
-        raise ConfigError(f"--config.{key}={value!r} is invalid: {fix}")
+from tokax.jobs import ConfigError
+from tokax.jobs import check as _check
 
 
 def load_prompts(path: str) -> list[str]:

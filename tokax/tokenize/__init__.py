@@ -10,9 +10,12 @@ from tokax.tokenize.gguf_vocab import (
     read_gguf_vocab,
     sentencepiece_proto_from_gguf,
 )
+from tokax.tokenize.byte_vocab import STOP, ByteVocab
 from tokax.tokenize.tokenizer import Tokenizer, load_gemma3_tokenizer
 
 __all__ = [
+    "STOP",
+    "ByteVocab",
     "GGUFVocab",
     "Tokenizer",
     "build_sentencepiece_proto",

@@ -1,0 +1,378 @@
+"""Exact byte-level probabilities (Phan et al.) against brute-force enumeration.
+
+The oracle enumerates every token sequence whose bytes are consistent with
+the text (all segmentations, byte tokens included), scores each with the
+model's next-token log-probs from cache-free forwards, decides validity with
+sentencepiece itself (`brute_valid`), and sums Q over the covers, in float64.
+Prefixes end at token boundaries, inside tokens and inside characters.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.model.test_decoder import random_params
+from tests.tokenize.test_byte_vocab import brute_valid, toy_vocab
+from tokax.decode.byte_level import STOP, ByteLM, ByteMixture, sample_bytes
+from tokax.decode.token_healing import complete_tokens
+from tokax.model import config as mc
+from tokax.model.decoder import forward
+from tokax.tokenize.byte_vocab import SPECIAL, ByteVocab
+
+
+@functools.lru_cache(maxsize=1)
+def toy_model():
+    v = toy_vocab()
+    cfg = mc.tiny(vocab_size=v.vocab_size)
+    return cfg, random_params(cfg, seed=3)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _full_logits(cfg, params, tokens):
+    T = tokens.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(T), tokens.shape)
+    lg, _, _ = forward(cfg, params, tokens, pos)
+    return lg
+
+
+class Oracle:
+    """Brute force over token sequences after BOS, in float64."""
+
+    def __init__(self, renormalize: bool = True):
+        self.v = toy_vocab()
+        self.cfg, self.params = toy_model()
+        self.renormalize = renormalize
+        self._logq: dict[tuple[int, ...], np.ndarray] = {}
+
+    def logp(self, seqs: list[tuple[int, ...]]) -> None:
+        """Fill the cache of log Q(next | seq) for all `seqs` (one batched forward)."""
+        todo = [s for s in dict.fromkeys(seqs) if s not in self._logq]
+        if not todo:
+            return
+        L = 16
+        toks = np.zeros((len(todo), L), np.int32)
+        for k, s in enumerate(todo):
+            toks[k, : len(s) + 1] = (self.v.bos_id,) + s
+        lg = np.asarray(_full_logits(self.cfg, self.params, jnp.asarray(toks)), np.float64)
+        for k, s in enumerate(todo):
+            row = lg[k, len(s)]
+            lp = row - np.logaddexp.reduce(row)
+            if not self._valid(s):  # Q(s) = 0: nothing after it counts
+                self._logq[s] = np.full_like(lp, -np.inf)
+                continue
+            valid = np.array([self._valid(s + (t,)) for t in range(self.v.vocab_size)])
+            lq = np.where(valid, lp, -np.inf)
+            if self.renormalize:
+                lq -= np.logaddexp.reduce(lq[valid])
+            self._logq[s] = lq
+
+    @functools.lru_cache(maxsize=None)
+    def _valid(self, seq: tuple[int, ...]) -> bool:
+        v = self.v
+        if seq and seq[-1] in v.stop_ids:
+            body = v.decode(seq[:-1])
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                return False
+            return brute_valid(v, list(seq[:-1]))
+        return brute_valid(v, list(seq))
+
+    def log_q_seq(self, seq: tuple[int, ...]) -> float:
+        self.logp([seq[:k] for k in range(len(seq))])
+        return float(sum(self._logq[seq[:k]][seq[k]] for k in range(len(seq))))
+
+    def next_byte(self, x: bytes) -> tuple[np.ndarray, float]:
+        """Unnormalized P(x b) for b in 0..255, P(x, end) at 256; and P(x) = sum over covers."""
+        v = self.v
+        n = len(x)
+        internal = []
+        stack = [()]
+        while stack:  # every token sequence whose bytes are a prefix of x
+            s = stack.pop()
+            internal.append(s)
+            y = v.decode(s)
+            for t in range(v.vocab_size):
+                if v.kinds[t] != SPECIAL and x.startswith(y + v.token_bytes[t]):
+                    stack.append(s + (t,))
+        self.logp(internal)
+        out = np.zeros(257)
+        p_x = 1.0 if n == 0 else 0.0
+        for s in internal:
+            y = v.decode(s)
+            w = math.exp(self.log_q_seq(s)) if s else 1.0
+            if w == 0:
+                continue
+            lq = self._logq[s]
+            if len(y) == n:
+                out[STOP] += w * sum(math.exp(lq[e]) for e in v.stop_ids)
+                if s:
+                    p_x += w  # covers ending exactly at the end of x
+            for t in range(v.vocab_size):
+                b = v.token_bytes[t]
+                if lq[t] == -np.inf or not b:
+                    continue
+                y2 = y + b
+                if len(y2) > n and y2.startswith(x):
+                    out[y2[n]] += w * math.exp(lq[t])
+                    if len(y) < n:
+                        p_x += w * math.exp(lq[t])
+        return out, p_x
+
+
+PROMPTS = [b"", b"t", b"the", b"the c", b"the ca", b"the cat", b" thereaf", b"caf\xc3", b"a \xd0", "a \u0436".encode()]
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return Oracle()
+
+
+@pytest.fixture(scope="module")
+def lm():
+    cfg, params = toy_model()
+    return ByteLM(cfg, params, toy_vocab())
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_next_byte_equals_brute_force(prompt, oracle, lm):
+    lm.reset(prompt)
+    got = lm.next_byte_probs()
+    mass, p_x = oracle.next_byte(prompt)
+    # The lemma: next-byte masses (and the end) add up to P(x), the sum over covers.
+    assert mass.sum() == pytest.approx(p_x, rel=1e-9)
+    np.testing.assert_allclose(got, mass / mass.sum(), atol=1e-6, rtol=0)
+    assert lm.mass_ratio == pytest.approx(1.0, abs=1e-9)
+
+
+def test_advancing_equals_restarting(lm):
+    """Bytes appended one at a time give the distributions of a fresh reset."""
+    cfg, params = toy_model()
+    fresh = ByteLM(cfg, params, toy_vocab())
+    lm.reset(b"th")
+    for b in b"e cat\xc3\xa9 the":
+        lm.advance(b)
+        fresh.reset(lm.text)
+        np.testing.assert_allclose(lm.next_byte_probs(), fresh.next_byte_probs(), atol=1e-6, rtol=0)
+
+
+def test_string_probability_is_canonical_token_probability(oracle, lm):
+    """P_byte(text, then end) = Q(encode(text) + [EOS]); the prefix probability
+    P_byte(text) = sum over covers, which counts, besides encode(text), every
+    valid sequence whose last token runs past the end of the text."""
+    v = toy_vocab()
+    extra = []
+    for text in [b"the cat", b"hat ", b"caf\xc3\xa9"]:
+        lm.reset(b"")
+        logp = 0.0
+        for b in text:
+            logp += math.log(lm.next_byte_probs()[b])
+            lm.advance(b)
+        log_end = logp + math.log(lm.next_byte_probs()[STOP])
+        canon = tuple(v.encode(text))
+        want_end = oracle.log_q_seq(canon + (v.eos_id,))
+        # float32 logits from two different forward paths (KV-cache tree vs full), ~8 steps.
+        assert log_end == pytest.approx(want_end, abs=2e-5)
+        _, p_prefix = oracle.next_byte(text)
+        assert logp == pytest.approx(math.log(p_prefix), abs=2e-5)
+        # The canonical encoding alone is at most the prefix probability; the rest is the
+        # mass of sequences whose last token runs past the text (e.g. [the, ▁cats]).
+        extra.append(math.log(p_prefix) - oracle.log_q_seq(canon))
+    assert min(extra) > -1e-9 and max(extra) > 1e-3
+
+
+@pytest.mark.parametrize("prompt", [b"the ca", b"caf\xc3"])
+def test_paper_mode_without_renormalization(prompt):
+    """renormalize=False: Q = p masked to valid tokens, each next-byte distribution normalized."""
+    cfg, params = toy_model()
+    lm = ByteLM(cfg, params, toy_vocab(), renormalize=False)
+    lm.reset(prompt)
+    mass, _ = Oracle(renormalize=False).next_byte(prompt)
+    np.testing.assert_allclose(lm.next_byte_probs(), mass / mass.sum(), atol=1e-6, rtol=0)
+    assert lm.mass_ratio <= 1.0 + 1e-12  # the invalid mass after the text is dropped
+
+
+def test_greedy_sampler_follows_argmax_and_stops_mid_token(lm):
+    out = sample_bytes(lm, b"the c", max_new_bytes=5)
+    # Replay: each byte is the argmax of the exact distribution at its prefix.
+    cfg, params = toy_model()
+    ref = ByteLM(cfg, params, toy_vocab())
+    ctx = b"the c"
+    for k, b in enumerate(out.data):
+        ref.reset(ctx)
+        p = ref.next_byte_probs()
+        assert b == int(np.argmax(p))
+        assert out.logprobs[k] == pytest.approx(math.log(p[b]), abs=1e-6)
+        ctx += bytes([b])
+    assert len(out.data) == 5 or out.stopped
+
+
+def test_temperature_sampling_is_seeded(lm):
+    a = sample_bytes(lm, b"the", max_new_bytes=6, temperature=1.0, seed=5)
+    b = sample_bytes(lm, b"the", max_new_bytes=6, temperature=1.0, seed=5)
+    assert a.data == b.data and a.logprobs == b.logprobs
+
+
+def test_mixture_of_two_vocabularies():
+    """Two models over different vocabularies mix at the byte level."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    from tests.tokenize.test_byte_vocab import WORDS
+
+    rng = random.Random(1)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(300)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=buf, model_type="bpe", vocab_size=300,
+        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, character_coverage=1.0, minloglevel=2,
+    )
+    v2 = ByteVocab(buf.getvalue())
+    assert v2.vocab_size != toy_vocab().vocab_size
+    cfg2 = mc.tiny(vocab_size=v2.vocab_size)
+    m1 = ByteLM(*toy_model(), toy_vocab())
+    m2 = ByteLM(cfg2, random_params(cfg2, seed=4), v2)
+    mix = ByteMixture([m1, m2], [0.25, 0.75])
+    mix.reset(b"the ca")
+    np.testing.assert_allclose(mix.next_byte_probs(), 0.25 * m1.next_byte_probs() + 0.75 * m2.next_byte_probs())
+    out = sample_bytes(mix, b"the ca", max_new_bytes=4)
+    assert m1.text == m2.text == b"the ca" + out.data[:-1]
+
+
+# ------------------------------------------------------- token-level baselines
+def greedy_oracle(ids: list[int], n: int, first_allowed=None) -> list[int]:
+    cfg, params = toy_model()
+    v = toy_vocab()
+    seq = [v.bos_id] + ids
+    out = []
+    for k in range(n):
+        toks = np.zeros((1, 32), np.int32)  # one shape: padding after the sequence is never seen
+        toks[0, : len(seq)] = seq
+        lg = np.asarray(_full_logits(cfg, params, jnp.asarray(toks)))[0, len(seq) - 1]
+        if k == 0 and first_allowed is not None:
+            lg = np.where(first_allowed, lg, -np.inf)
+        t = int(np.argmax(lg))
+        out.append(t)
+        seq.append(t)
+        if t in v.stop_ids:
+            break
+    return out
+
+
+def test_naive_completion_is_greedy_after_the_cut_tokens():
+    cfg, params = toy_model()
+    v = toy_vocab()
+    got = complete_tokens(cfg, params, v, "the ca", 6)
+    toks = greedy_oracle(v.sp.encode("the ca"), 6)
+    want = b"".join(v.token_bytes[t] for t in toks)[:6]
+    assert got.data == want and got.token_ids == toks[: len(got.token_ids)]
+
+
+def test_token_healing_regenerates_the_last_token():
+    cfg, params = toy_model()
+    v = toy_vocab()
+    ids = v.sp.encode("the ca")
+    heal = v.token_bytes[ids[-1]]
+    allowed = np.array([v.kinds[t] != SPECIAL and v.token_bytes[t].startswith(heal) for t in range(v.vocab_size)])
+    toks = greedy_oracle(ids[:-1], 6, first_allowed=allowed)
+    got = complete_tokens(cfg, params, v, "the ca", 6, mode="token_healing")
+    written = b"".join(v.token_bytes[t] for t in toks)
+    assert written.startswith(heal)
+    assert got.data == written[len(heal) :][:6]
+    assert got.token_ids[0] == toks[0] and allowed[got.token_ids[0]]
+
+
+def test_stop_bytes_cut_the_completion():
+    cfg, params = toy_model()
+    v = toy_vocab()
+    full = complete_tokens(cfg, params, v, "the", 12)
+    stop = full.data[2:3]
+    cut = complete_tokens(cfg, params, v, "the", 12, stop_bytes=stop)
+    assert cut.data == full.data[: full.data.index(stop) + 1]
+    bl = sample_bytes(ByteLM(cfg, params, v), b"the", 12)
+    if len(bl.data) > 3:
+        s = bl.data[3:4]
+        assert sample_bytes(ByteLM(cfg, params, v), b"the", 12, stop_bytes=s).data == bl.data[: bl.data.index(s) + 1]
+
+
+# -------------------------------------------------------------------- Gemma 3
+@pytest.mark.slow
+def test_gemma_byte_greedy_completes_a_mid_token_prompt():
+    from tokax.model.loaders.gguf import load_gemma3
+    from tokax.tokenize import load_gemma3_tokenizer
+
+    cfg, params = load_gemma3("float32")
+    v = ByteVocab(load_gemma3_tokenizer())
+    lm = ByteLM(cfg, params, v)
+    prompt = "import numpy as np\n\ndef mean(values):\n    return sum(values) / len(val"
+    lm.reset(prompt)
+    masses = []
+    data = bytearray()
+    for _ in range(6):
+        p = lm.next_byte_probs()
+        assert p.sum() == pytest.approx(1.0, abs=1e-9) and (p >= 0).all()
+        masses.append(lm.mass_ratio)
+        b = int(np.argmax(p))
+        if b == STOP:
+            break
+        data.append(b)
+        lm.advance(b)
+    assert bytes(data).startswith(b"ues)")
+    # Renormalized canonical model: next-byte masses add up to the cover mass.
+    np.testing.assert_allclose(masses, 1.0, atol=1e-6)
+    assert lm.calls <= 2 + len(data) * 2
+
+
+# ------------------------------------------------------------------------ job
+def _config(mode=None):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "byte_sample.py"
+    spec = importlib.util.spec_from_file_location("_byte_sample_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(mode)
+
+
+@pytest.mark.parametrize("key,value", [("mode", "bytes"), ("max_new_bytes", 0), ("temperature", -1.0), ("dtype", "fp8")])
+def test_job_names_bad_config_values(key, value):
+    from tokax.jobs import ConfigError
+    from tokax.jobs.byte_sample import validate
+
+    c = _config("token_healing")
+    assert c.job == "byte_sample" and c.mode == "token_healing" and c.temperature == 0.0
+    validate(c)
+    c[key] = value
+    with pytest.raises(ConfigError, match=f"--config.{key}="):
+        validate(c)
+
+
+@pytest.mark.slow
+def test_job_writes_only_the_continuation(tmp_path):
+    import json
+
+    from tokax.jobs.byte_sample import run
+
+    prompts = ["def add(a, b):\n    return a + ", "print('hel"]
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps(prompts))
+    for mode in ("naive", "token_healing", "byte"):
+        c = _config(mode)
+        c.prompts_file, c.max_new_bytes, c.json, c.stop_at_newline = str(f), 12, True, True
+        rows = run(c)
+        assert [r["prompt"] for r in rows] == prompts
+        for r in rows:
+            assert r["mode"] == mode and 0 < len(r["text"].encode()) <= 12
+            assert not r["text"].startswith(r["prompt"][:5])
+        if mode == "byte":
+            assert rows[1]["text"].startswith("lo")  # print('hel -> print('hello

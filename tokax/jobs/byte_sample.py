@@ -1,0 +1,86 @@
+"""Job: complete each prompt of a prompts file (which may end inside a token)
+with Gemma 3 270M by exact byte-level sampling, naive token sampling or token
+healing (``configs/byte_sample.py``). Prints the prompt with its continuation,
+or one JSON line per prompt (``prompt``, ``mode``, ``text``: the continuation
+only, ``stats``) when ``json`` is set."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from tokax.jobs import ConfigError, check
+
+MODES = ("byte", "naive", "token_healing")
+
+
+def validate(c) -> None:
+    check(c.model == "gemma3-270m", "model", c.model, "only 'gemma3-270m' is available")
+    check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "use float32 or bfloat16")
+    check(c.mode in MODES, "mode", c.mode, f"use one of {', '.join(MODES)}")
+    check(c.max_new_bytes >= 1, "max_new_bytes", c.max_new_bytes, "must be >= 1")
+    check(c.temperature >= 0, "temperature", c.temperature, "must be >= 0 (0 means greedy)")
+
+
+def load_prompts(path: str) -> list[str]:
+    import os
+
+    if not os.path.exists(path):
+        raise ConfigError(f"--config.prompts_file={path!r} does not exist")
+    try:
+        with open(path) as f:
+            prompts = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config.prompts_file={path!r} is not valid JSON: {e}") from e
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"--config.prompts_file={path!r} must hold a non-empty JSON list of strings")
+    return prompts
+
+
+def complete(c, cfg, params, vocab, prompt: str, seed: int, lm=None) -> dict:
+    """One completion in mode ``c.mode``: {prompt, mode, text, stats}."""
+    from tokax.decode.byte_level import ByteLM, sample_bytes
+    from tokax.decode.token_healing import complete_tokens
+
+    stop = b"\n" if c.stop_at_newline else b""
+    t = time.perf_counter()
+    if c.mode == "byte":
+        lm = lm or ByteLM(cfg, params, vocab, renormalize=c.renormalize)
+        calls0 = lm.calls
+        out = sample_bytes(lm, prompt, c.max_new_bytes, c.temperature, seed, stop_bytes=stop)
+        data, stats = out.data, {"model_calls": lm.calls - calls0, "ended": out.stopped}
+    else:
+        out = complete_tokens(cfg, params, vocab, prompt, c.max_new_bytes, mode=c.mode,
+                              temperature=c.temperature, seed=seed, stop_bytes=stop)
+        data, stats = out.data, {"model_calls": out.model_calls, "token_ids": out.token_ids}
+    stats["bytes"] = len(data)
+    stats["seconds"] = round(time.perf_counter() - t, 3)
+    return {"prompt": prompt, "mode": c.mode, "text": data.decode("utf-8", errors="replace"), "stats": stats}
+
+
+def run(c) -> list[dict]:
+    """Complete every prompt in ``c.prompts_file``; returns the rows it prints."""
+    from tokax.decode.byte_level import ByteLM
+    from tokax.model.loaders.gguf import load_gemma3
+    from tokax.tokenize import load_gemma3_tokenizer
+    from tokax.tokenize.byte_vocab import ByteVocab
+
+    validate(c)
+    prompts = load_prompts(c.prompts_file)
+    quiet = c.json
+    t0 = time.perf_counter()
+    cfg, params = load_gemma3(c.dtype, progress=not quiet)
+    vocab = ByteVocab(load_gemma3_tokenizer())
+    lm = ByteLM(cfg, params, vocab, renormalize=c.renormalize) if c.mode == "byte" else None
+    if not quiet:
+        print(f"loaded {cfg.name} ({c.dtype}) in {time.perf_counter() - t0:.1f}s; mode {c.mode}", file=sys.stderr)
+    rows = []
+    for i, p in enumerate(prompts):
+        row = complete(c, cfg, params, vocab, p, c.seed + i, lm)
+        rows.append(row)
+        if quiet:
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+        else:
+            print(f"\n--- prompt: {p!r}\n{p}\033[1m{row['text']}\033[0m\n{row['stats']}")
+    return rows
