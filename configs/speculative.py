@@ -1,0 +1,49 @@
+"""Speculative decoding with Gemma 3 270M as the target.
+
+    python -m tokax.run --config configs/speculative.py --config.method=prompt_lookup \
+        --config.prompts_file=prompts.json --config.max_new_tokens=64 --config.json=True
+
+``get_config("METHOD")`` presets the method (``configs/speculative.py:anpd``).
+Methods: draft (a draft model; until a distilled one exists, the target's
+first ``draft_layers`` layers + final norm + LM head), prompt_lookup, anpd,
+kangaroo (first ``kangaroo_layers`` layers + adapter + LM head), specdec_pp
+(the draft model + an acceptance head). All are lossless.
+"""
+
+import ml_collections
+
+METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp")
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.job = "speculative"
+    c.model = "gemma3-270m"  # the target
+    c.dtype = "float32"  # or bfloat16
+    c.prompts_file = "configs/prompts/demo.json"  # JSON list of prompt strings
+    c.max_new_tokens = 64
+    c.temperature = 0.0  # 0 means greedy
+    c.top_k = 0  # 0 disables
+    c.top_p = 1.0  # 1 disables
+    c.min_p = 0.0  # 0 disables
+    c.seed = 0
+    c.batch_size = 1  # prompts per compiled batch (speculation pays most at batch 1)
+    c.json = False  # one JSON object per prompt per line: prompt, token_ids, text, stats
+
+    c.method = arg or "prompt_lookup"  # one of METHODS
+    c.k = 5  # maximum draft tokens per round
+    # prompt_lookup / anpd
+    c.max_ngram = 3
+    c.min_ngram = 1
+    c.init_ngram = 2  # anpd: starting n-gram size (adapted online)
+    # draft / specdec_pp: the draft model
+    c.draft_layers = 4  # truncated copy of the target: its first N layers + final norm + LM head
+    # kangaroo
+    c.kangaroo_layers = 2  # shallow layers shared with the target
+    c.kangaroo_threshold = 0.6  # stop drafting after a token with top-1 prob below this
+    c.kangaroo_adapter = ""  # .npz from tokax.decode.proposers.save_params; "" = identity adapter (early exit)
+    # specdec_pp
+    c.specdec_threshold = 0.7  # stop when predicted P(some rejection) exceeds this
+    c.specdec_head = ""  # .npz of a trained head; "" = untrained head predicting specdec_prior everywhere
+    c.specdec_prior = 0.8
+    return c

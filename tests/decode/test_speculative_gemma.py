@@ -1,0 +1,57 @@
+"""Gemma 3 270M: every speculative method reproduces plain greedy decoding
+token for token, and the job prints one JSON line per prompt (slow)."""
+
+import io
+import json
+from contextlib import redirect_stdout
+
+import pytest
+
+import configs.speculative as spec_config
+from tokax.decode.generate import Generator
+from tokax.decode.speculative import SpeculativeGenerator
+from tokax.jobs.speculative import METHODS, build_proposer, run
+
+PROMPTS = [
+    'def is_prime(n):\n    """Return True if n is a prime number."""\n',
+    "Rewrite in the past tense: The cat sits on the mat and the dog sleeps by the door.\nPast tense:",
+]
+N_NEW = 32
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from tokax.model.loaders.gguf import load_gemma3
+    from tokax.tokenize import load_gemma3_tokenizer
+
+    cfg, params = load_gemma3("float32")
+    tok = load_gemma3_tokenizer()
+    return cfg, params, tok, Generator(cfg, params, tok).generate(PROMPTS, N_NEW)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_gemma_greedy_lossless(gemma, method):
+    cfg, params, tok, ref = gemma
+    c = spec_config.get_config(method)
+    c.k = 4 if method in ("prompt_lookup", "anpd") else 2  # untrained drafts: keep their rounds short
+    prop, pparams = build_proposer(c, cfg, params)
+    outs, stats = SpeculativeGenerator(cfg, params, prop, pparams, tok).generate(PROMPTS, N_NEW)
+    assert outs == ref
+    assert all(s["new_tokens"] == len(o) and s["target_passes"] >= 1 for s, o in zip(stats, outs))
+
+
+@pytest.mark.slow
+def test_job_prints_json_lines(gemma, tmp_path):
+    cfg, params, tok, ref = gemma
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps(PROMPTS[1:]))
+    c = spec_config.get_config("anpd")
+    c.prompts_file, c.json, c.max_new_tokens, c.batch_size = str(f), True, N_NEW, 8
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rows = run(c)
+    lines = [json.loads(x) for x in buf.getvalue().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0] == rows[0]
+    assert lines[0]["token_ids"] == ref[1] and lines[0]["prompt"] == PROMPTS[1]
+    assert set(lines[0]["stats"]) >= {"proposed", "accepted", "target_passes", "mean_accepted"}
