@@ -1,16 +1,28 @@
 """One DPO training step: tokax vs TRL's DPOTrainer, same model, same batch.
 
 Both sides train Gemma 3 270M loaded from the same GGUF file (dequantized to
-float32), full fine-tuning with AdamW, the policy and a frozen reference
-copy, on the same B preference pairs of the code-continuation task
-(tokenized with Gemma's tokenizer, prompt + completion cut to --max-length).
-Each side runs in its own subprocess so that peak memory (max RSS of the
-process on CPU; the device's peak bytes in use where JAX reports it) is its
-own. Step time is the median over --steps steps after --warmup steps (the
-first includes compilation for tokax).
+float32), full fine-tuning with AdamW (constant lr, no weight decay), beta
+0.1 sigmoid loss, with a frozen reference copy whose forward runs every step
+(TRL: an explicit ``ref_model`` loaded from the same file,
+``precompute_ref_log_probs=False``; tokax: ``frozen['ref']``), on the same B
+preference pairs of the code-continuation task, prompt + completion cut to
+--max-length. TRL pads each batch to its longest sequence; tokax pads to the
+same length (the longest encoded pair of the batch), so both run the same
+[2B, T] shape. tokens/s counts the real (non-padding) tokens of the chosen and
+rejected sequences of the step (TRL: its collated ``attention_mask``, tokax:
+positions >= 0). TRL sees the same B pairs every step (a dataset of exactly B
+rows, one step per epoch). tokax does not log the KL(ref || policy) metric
+here (``log_ref_kl=False``): TRL does not compute it either.
+
+Each side runs in its own subprocess, one after the other, so that peak
+memory (max RSS of the process on CPU, loading included; the device's peak
+bytes in use where JAX reports it) is its own. Step time is the median over
+--steps steps after --warmup steps (the first includes compilation for tokax).
 
     python benchmarks/dpo_step.py [--pairs 4] [--max-length 128] [--steps 5] [--json]
 
+With --json the last stdout line is one JSON object with ``tokax_tok_s``,
+``trl_tok_s``, ``ratio`` (tokax / TRL) and both sides' full results.
 TRL (`trl`, with `datasets`) is not a dependency of tokax; when it is not
 importable the TRL row says so. Torch must be the pinned CPU build
 (`pip install torch==2.13.0`, the `bench` extra).
@@ -34,10 +46,10 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def build_pairs(n: int, seed: int = 0) -> list[dict]:
+def build_pairs(n: int, seed: int = 0, context_lines: int = 8) -> list[dict]:
     from tokax.train.data import build_code_preference_task
 
-    rows = build_code_preference_task("train", n=n, seed=seed, context_lines=8)
+    rows = build_code_preference_task("train", n=n, seed=seed, context_lines=context_lines)
     return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
 
 
@@ -55,13 +67,17 @@ def run_tokax(args) -> dict:
     from tokax.train.trainer import StepSpec, build_optimizer, init_train_state, make_train_step
 
     tok = load_gemma3_tokenizer()
-    pairs, _ = D.encode_preference(build_pairs(args.pairs), tok, args.max_length, bad_examples="skip")
-    it = D.PreferenceIterator(pairs, args.max_length, batch_size=args.pairs, shuffle=False)
+    pairs, skipped = D.encode_preference(build_pairs(args.pairs, context_lines=args.context_lines), tok,
+                                         args.max_length, bad_examples="skip")
+    if skipped:
+        raise ValueError(f"{len(skipped)} pair(s) do not fit --max-length={args.max_length}: {skipped[0]}")
+    seq_len = max(len(e.ids) for pr in pairs for e in pr)  # TRL pads to the batch's longest sequence too
+    it = D.PreferenceIterator(pairs, seq_len, batch_size=args.pairs, shuffle=False)
     batch = next(it)
     cfg, params = load_gemma3("float32")
     mesh = shd.make_mesh({"data": -1})
     rules = shd.DEFAULT_RULES
-    spec = StepSpec(model=cfg, loss="dpo", loss_kwargs=(("beta", 0.1),), logprob_chunk=16384)
+    spec = StepSpec(model=cfg, loss="dpo", loss_kwargs=(("beta", 0.1),), logprob_chunk=16384, log_ref_kl=False)
     tx, sched = build_optimizer({"name": "adamw", "lr": args.lr, "schedule": "constant", "weight_decay": 0.0}, 100)
     p_sh = shd.param_shardings(params, mesh, rules)
     params = jax.device_put(params, p_sh)
@@ -84,12 +100,12 @@ def run_tokax(args) -> dict:
         if i >= args.warmup:
             times.append(dt)
         log(f"tokax step {i}: {dt:.3f}s loss {loss:.4f}")
-    n_tok = int(sum((batch[k] >= 0).sum() for k in ("chosen_positions", "rejected_positions")))
+    n_tok = sum(len(e.ids) for pr in pairs for e in pr)  # prompt + completion with BOS / EOS, as TRL's attention_mask
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     med = statistics.median(times)
     return {"impl": "tokax", "backend": jax.default_backend(), "step_s": med, "tokens_per_s": n_tok / med,
-            "tokens": n_tok, "losses": losses, "peak_rss_mb": peak_rss_mb(),
+            "tokens": n_tok, "shape": [2 * args.pairs, seq_len], "losses": losses, "step_times": times, "peak_rss_mb": peak_rss_mb(),
             "device_peak_mb": (stats or {}).get("peak_bytes_in_use", 0) / 2**20 or None}
 
 
@@ -103,12 +119,23 @@ def run_trl(args) -> dict:
         return {"impl": "trl", "missing": f"{type(err).__name__}: {err}"}
     from tokax.model.loaders.gguf import gemma3_gguf_path
 
+    import trl
+
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     path = gemma3_gguf_path()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    load = lambda: AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)  # noqa: E731
+    model, ref = load(), load()  # the reference: a second copy from the same file, forward every step
+    for m in (model, ref):
+        # The GGUF weights are dequantized to float32 at load, but the model stays marked as quantized
+        # (is_quantized, hf_quantizer), which makes transformers' Trainer refuse full fine-tuning;
+        # nothing is quantized, so drop the marks the way transformers does for dequantized models.
+        if getattr(m, "hf_quantizer", None) is not None:
+            m.hf_quantizer.remove_quantization_config(m)
+        assert all(p.dtype == torch.float32 for p in m.parameters())
     times: list[float] = []
+    seen: list[tuple[list[int], int]] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, s, c, **kw):
@@ -118,32 +145,37 @@ def run_trl(args) -> dict:
             times.append(time.perf_counter() - self.t)
             log(f"trl step {len(times) - 1}: {times[-1]:.3f}s")
 
+    class Recording(DPOTrainer):
+        """Records the shape and real-token count of each collated batch (the tokens of the step)."""
+
+        def compute_loss(self, model, inputs, *a, **kw):
+            seen.append((list(inputs["input_ids"].shape), int(inputs["attention_mask"].sum())))
+            return super().compute_loss(model, inputs, *a, **kw)
+
+    n_steps = args.warmup + args.steps
     cfg = DPOConfig(
         output_dir=os.path.join(args.workdir, "trl"), per_device_train_batch_size=args.pairs,
-        gradient_accumulation_steps=1, learning_rate=args.lr, beta=0.1, max_steps=args.warmup + args.steps,
+        gradient_accumulation_steps=1, learning_rate=args.lr, beta=0.1, loss_type=["sigmoid"], max_steps=n_steps,
         max_length=args.max_length, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
         bf16=False, fp16=False, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
-        dataloader_num_workers=0, seed=0, remove_unused_columns=False,
+        dataloader_num_workers=0, seed=0, precompute_ref_log_probs=False,
     )
-    ds = Dataset.from_list(build_pairs(args.pairs * (args.warmup + args.steps)))
-    trainer = DPOTrainer(model=model, ref_model=None, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    ds = Dataset.from_list(build_pairs(args.pairs, context_lines=args.context_lines))  # one step per epoch
+    trainer = Recording(model=model, ref_model=ref, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
     trainer.train()
     med = statistics.median(times[args.warmup :])
-    # tokens per step: the batch TRL built for the last step is not exposed; count from the same pairs
-    n_tok = 0
-    for r in build_pairs(args.pairs):
-        p = len(tok(r["prompt"]).input_ids)
-        for side in ("chosen", "rejected"):
-            n_tok += min(p + len(tok(r[side], add_special_tokens=False).input_ids) + 1, args.max_length)
+    n_tok = seen[-1][1]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"impl": "trl", "backend": "torch-cpu", "step_s": med, "tokens_per_s": n_tok / med, "tokens": n_tok,
-            "losses": losses, "peak_rss_mb": peak_rss_mb(), "torch": torch.__version__}
+            "shape": seen[-1][0], "losses": losses, "step_times": times, "peak_rss_mb": peak_rss_mb(),
+            "torch": torch.__version__, "trl": trl.__version__, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--context-lines", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-6)
@@ -158,8 +190,9 @@ def main() -> None:
     results = []
     for impl in ("tokax", "trl"):
         cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl] + [
-            f"--pairs={args.pairs}", f"--max-length={args.max_length}", f"--steps={args.steps}",
+            f"--pairs={args.pairs}", f"--max-length={args.max_length}", f"--context-lines={args.context_lines}", f"--steps={args.steps}",
             f"--warmup={args.warmup}", f"--lr={args.lr}", f"--workdir={args.workdir}"]
+        log(f"running {impl} ...")
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         results.append(json.loads(line[-1][7:]) if line else {"impl": impl, "error": p.stderr[-2000:]})
@@ -171,8 +204,14 @@ def main() -> None:
         else:
             print(f"{r['impl']:6s} {r['backend']:10s} {r['step_s']:8.3f} {r['tokens_per_s']:9.1f} {r['peak_rss_mb']:12.0f}  "
                   f"{np.round(r['losses'][:3], 4).tolist()}")
+    ok = {r["impl"]: r for r in results if "tokens_per_s" in r}
+    ratio = ok["tokax"]["tokens_per_s"] / ok["trl"]["tokens_per_s"] if len(ok) == 2 else None
+    if ratio is not None:
+        print(f"tokens per step: tokax {ok['tokax']['tokens']} {ok['tokax']['shape']}, trl {ok['trl']['tokens']} "
+              f"{ok['trl']['shape']}; tokax / TRL tokens/s = {ratio:.2f}")
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps({"tokax_tok_s": ok.get("tokax", {}).get("tokens_per_s"),
+                          "trl_tok_s": ok.get("trl", {}).get("tokens_per_s"), "ratio": ratio, "results": results}))
 
 
 if __name__ == "__main__":
