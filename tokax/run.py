@@ -18,21 +18,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a config file in configs/", lock_config=True)
 
 
-from tokax.jobs import ConfigError
+from tokax.jobs import ConfigError, load_prompts
 from tokax.jobs import check as _check
-
-
-def load_prompts(path: str) -> list[str]:
-    if not os.path.exists(path):
-        raise ConfigError(f"--config.prompts_file={path!r} does not exist")
-    try:
-        with open(path) as f:
-            prompts = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config.prompts_file={path!r} is not valid JSON: {e}") from e
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or not prompts:
-        raise ConfigError(f"--config.prompts_file={path!r} must hold a non-empty JSON list of strings")
-    return prompts
 
 
 def validate_generate(c) -> None:

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from tokax.jobs import ConfigError, check
+from tokax.jobs import check, load_prompts
 
 MODES = ("byte", "naive", "token_healing")
 
@@ -21,21 +21,6 @@ def validate(c) -> None:
     check(c.mode in MODES, "mode", c.mode, f"use one of {', '.join(MODES)}")
     check(c.max_new_bytes >= 1, "max_new_bytes", c.max_new_bytes, "must be >= 1")
     check(c.temperature >= 0, "temperature", c.temperature, "must be >= 0 (0 means greedy)")
-
-
-def load_prompts(path: str) -> list[str]:
-    import os
-
-    if not os.path.exists(path):
-        raise ConfigError(f"--config.prompts_file={path!r} does not exist")
-    try:
-        with open(path) as f:
-            prompts = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config.prompts_file={path!r} is not valid JSON: {e}") from e
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"--config.prompts_file={path!r} must hold a non-empty JSON list of strings")
-    return prompts
 
 
 def complete(c, cfg, params, vocab, prompt: str, seed: int, lm=None) -> dict:

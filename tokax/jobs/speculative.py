@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from tokax.jobs import ConfigError, check
+from tokax.jobs import check, load_prompts
 
 METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp")
 
@@ -33,19 +33,6 @@ def validate(c) -> None:
     for key in ("kangaroo_adapter", "specdec_head"):
         path = c[key]
         check(not path or os.path.exists(path), key, path, "file does not exist (\"\" for the untrained default)")
-
-
-def load_prompts(path: str) -> list[str]:
-    if not os.path.exists(path):
-        raise ConfigError(f"--config.prompts_file={path!r} does not exist")
-    try:
-        with open(path) as f:
-            prompts = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config.prompts_file={path!r} is not valid JSON: {e}") from e
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"--config.prompts_file={path!r} must hold a non-empty JSON list of strings")
-    return prompts
 
 
 def build_proposer(c, cfg, params):
