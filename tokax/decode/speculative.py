@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from tokax.decode.generate import bucket, pad_prompts
+from tokax.decode.generate import Generator, bucket, pad_prompts
 from tokax.decode.proposers import Context
 from tokax.decode.sampling import SamplingParams
 from tokax.decode.verify import verify
@@ -227,16 +227,7 @@ class SpeculativeGenerator:
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0))
 
-    def encode(self, prompts) -> list[list[int]]:
-        out = []
-        for p in prompts:
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise ValueError("string prompts need a tokenizer; pass token id lists instead")
-                out.append(self.tokenizer.encode(p, add_bos=True))
-            else:
-                out.append([int(t) for t in p])
-        return out
+    encode = Generator.encode  # strings -> ids with BOS, id lists passed through
 
     def generate(
         self,
