@@ -119,18 +119,18 @@ def spec_step(cfg, params, proposer, pparams, s: SpecState, sp: SamplingParams, 
     start = s.cache.length
 
     def verify_pass(_):
-        lg, _, c = forward(cfg, params, block, positions, s.cache)
-        return lg, c  # [B, K+1, V]
+        lg, h, c = forward(cfg, params, block, positions, s.cache)
+        return lg, h, c  # [B, K+1, V], [B, K+1, D]
 
     def one_token_pass(_):
         # No row has a draft (n-gram miss): score only the last token, as plain decoding would.
-        lg, _, c = forward(cfg, params, block[:, :1], positions[:, :1], s.cache)
-        return jnp.pad(lg, ((0, 0), (0, K), (0, 0))), c
+        lg, h, c = forward(cfg, params, block[:, :1], positions[:, :1], s.cache)
+        return jnp.pad(lg, ((0, 0), (0, K), (0, 0))), jnp.pad(h, ((0, 0), (0, K), (0, 0))), c
 
     if getattr(proposer, "can_be_empty", True):
-        p_logits, cache = jax.lax.cond(jnp.any(n_draft > 0), verify_pass, one_token_pass, None)
+        p_logits, hidden, cache = jax.lax.cond(jnp.any(n_draft > 0), verify_pass, one_token_pass, None)
     else:
-        p_logits, cache = verify_pass(None)
+        p_logits, hidden, cache = verify_pass(None)
     n_acc, nxt = verifier(p_logits, prop.tokens, n_draft, prop.q_logits, sp, k_ver)
 
     # The row's new tokens: the accepted drafts, then the target's token.
@@ -145,6 +145,12 @@ def spec_step(cfg, params, proposer, pparams, s: SpecState, sp: SamplingParams, 
 
     cache = kvc.rollback(cache, jnp.where(live, start + n_acc + 1, start))
     pstate = proposer.update(pstate, ctx, n_draft, n_acc, live)
+    if getattr(proposer, "uses_target_hidden", False):
+        # Proposers that draft from the target's own hidden states (blockwise
+        # heads, Medusa): the verify pass already computed the final-normed
+        # hidden of every block position; the one at ``n_acc`` is the state
+        # after the newest accepted token, so the next proposal costs no pass.
+        pstate = proposer.observe_hidden(pstate, hidden, n_acc, live)
     st = s.stats
     li = live.astype(jnp.int32)
     stats = SpecStats(

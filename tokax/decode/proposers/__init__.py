@@ -12,6 +12,11 @@ state pytree:
   drafts such as n-gram lookup: the verifier then treats q as one-hot).
 * ``update(pstate, ctx, n_draft, n_acc, live) -> pstate``: after the target
   accepted ``n_acc [B]`` drafts (roll a draft cache back, adapt n-gram sizes).
+* optional, when the proposer sets ``uses_target_hidden = True``:
+  ``observe_hidden(pstate, hidden [B, K+1, D], n_acc [B], live [B]) -> pstate``
+  receives the target's final-normed hidden states of the verify block
+  ``[last, x_1..x_K]``; ``hidden[b, n_acc[b]]`` is the state after the
+  newest accepted token (heads on the frozen target draft from it).
 
 ``tparams`` are the target's params (self-speculative drafts reuse its
 layers), ``pparams`` the proposer's own (a draft model, an adapter, a head;
