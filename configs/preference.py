@@ -10,7 +10,7 @@ stdlib function, chosen = its real next line, rejected = a line from another
 function or the real line with its words shuffled. Train pairs come from the
 corpus' train files, eval pairs from its held-out files; ``eval/rewards/accuracies``
 is the held-out preference accuracy. Losses: dpo, cdpo, robust_dpo, ipo,
-hinge, simpo, orpo (paired) and kto, bco (unpaired: each pair gives one
+hinge, simpo, orpo, tdpo1, tdpo2, treg (paired) and kto, bco (unpaired: each pair gives one
 labelled completion). Hyperparameters left at None keep the loss's default.
 
 Default: the tiny decoder from random init (the reference is the same
@@ -44,11 +44,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "gamma": config_dict.placeholder(float),  # simpo
             "sft_weight": config_dict.placeholder(float),  # simpo
             "lam": config_dict.placeholder(float),  # orpo
-            "alpha": config_dict.placeholder(float),  # tdpo2
+            "alpha": config_dict.placeholder(float),  # tdpo2, treg
             "desirable_weight": config_dict.placeholder(float),  # kto
             "undesirable_weight": config_dict.placeholder(float),  # kto
         }
     )
+    # T-REG's contrastive prompts: the reference scores each response token after these
+    # instructions ("" = the trainer's defaults for the code task, DEFAULT_BETTER/WORSE_PREFIX).
+    c.contrastive_prompts = ml_collections.ConfigDict({"better": "", "worse": ""})
     c.data.path = ""  # JSONL of {prompt, chosen, rejected} (or {prompt, completion, label}); "" = build the code task
     c.data.eval_path = ""
     c.data.n_examples = 2000

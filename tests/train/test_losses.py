@@ -380,16 +380,19 @@ def treg_inputs(seed: int = 7):
     mw[:, 0] = ml[:, 0] = True
     lrw = rng.normal(0, 1.0, (B, T))
     lrl = rng.normal(0, 1.0, (B, T))
-    rw = rng.uniform(-1, 1, (B, T))
-    rl = rng.uniform(-1, 1, (B, T))
+    rw = rng.uniform(-0.5, 0.5, (B, T))
+    rl = rng.uniform(-0.5, 0.5, (B, T))
     return mw, ml, lrw, lrl, rw, rl
 
 
-def np_treg(lrw, lrl, mw, ml, rw, rl, beta, alpha):
+def np_treg(lrw, lrl, mw, ml, rw, rl, beta, alpha, w=None):
     rho_w, rho_l = beta * lrw * mw, beta * lrl * ml
     h = rho_w.sum(1) - rho_l.sum(1)
+    # Zhou et al. 2024: L_DPO + alpha * sg(sigmoid(-h)) * (-sum rhat*rho over y_w - same over y_l)
     s_w, s_l = (rw * rho_w).sum(1), (rl * rho_l).sum(1)
-    return np.mean(-logsig(h) + alpha * (-logsig(s_w) - logsig(s_l))), rho_w.sum(1), rho_l.sum(1)
+    if w is None:  # the pair weight sigmoid(-h) is a constant of the gradient: fd passes it fixed
+        w = 1.0 / (1.0 + np.exp(h))
+    return np.mean(-logsig(h) + alpha * w * (-(s_w + s_l))), rho_w.sum(1), rho_l.sum(1)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -421,8 +424,10 @@ def test_treg_matches_numpy(dtype):
         (loss, m), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(*args)
     tol = TOL[dtype]
     close(loss, want, tol)
-    close(grads[0], fd_grad(lambda v: np_treg(v, lrl, mw, ml, rw, rl, beta, alpha)[0], lrw), tol)
-    close(grads[1], fd_grad(lambda v: np_treg(lrw, v, mw, ml, rw, rl, beta, alpha)[0], lrl), tol)
+    h0 = beta * ((lrw * mw).sum(1) - (lrl * ml).sum(1))
+    w0 = 1.0 / (1.0 + np.exp(h0))
+    close(grads[0], fd_grad(lambda v: np_treg(v, lrl, mw, ml, rw, rl, beta, alpha, w0)[0], lrw), tol)
+    close(grads[1], fd_grad(lambda v: np_treg(lrw, v, mw, ml, rw, rl, beta, alpha, w0)[0], lrl), tol)
     assert np.all(np.asarray(grads[2]) == 0) and np.all(np.asarray(grads[3]) == 0)  # rewards are targets
     close(m["rewards/chosen"], cr.mean(), tol)
     close(m["rewards/accuracies"], (cr > rr).mean(), tol)

@@ -90,6 +90,20 @@ def test_schedule_values():
         build_schedule({"lr": 1.0, "schedule": "step"}, 10)
 
 
+def test_first_update_uses_first_warmup_lr():
+    # sgd moves a parameter by -lr * grad: the n-th update must use s(n), so the first one is not a no-op
+    opt = {"name": "sgd", "lr": 1.0, "warmup_steps": 4, "schedule": "constant"}
+    tx, s = build_optimizer(opt, total_steps=10)
+    p = jnp.zeros(())
+    st = tx.init(p)
+    moves = []
+    for _ in range(6):
+        u, st = tx.update(jnp.ones(()), st, p)
+        moves.append(-float(u))
+    np.testing.assert_allclose(moves, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0], rtol=1e-6)
+    assert [float(s(n)) for n in (1, 4)] == [0.25, 1.0]
+
+
 CFG = tiny(vocab_size=64, n_layers=1)
 
 
@@ -196,9 +210,11 @@ def test_dpo_lora_run_metrics_and_bad_examples(tmp_path):
         run(small_config("preference.py", tmp_path / "strict", **{**common, "data.bad_examples": "error"}))
     out = run(small_config("preference.py", tmp_path / "w", **{**common, "data.bad_examples": "skip"}))
     m = read_metrics(tmp_path / "w")
-    assert [r["step"] for r in m] == [1, 2, 3]
-    first = m[0]
+    assert [r["step"] for r in m] == [0, 1, 2, 3]  # step 0: the starting model, evaluated before any update
+    zero, first = m[0], m[1]
     # LoRA's B starts at 0: policy == reference, so DPO's loss is log 2 and KL and margins are 0
+    assert math.isclose(zero["loss"], math.log(2), rel_tol=1e-5) and math.isclose(zero["eval/loss"], math.log(2), rel_tol=1e-5)
+    assert zero["eval/rewards/margins"] == 0.0 and zero["eval/rewards/accuracies"] == 0.0
     assert math.isclose(first["loss"], math.log(2), rel_tol=1e-5)
     assert abs(first["rewards/margins"]) < 1e-5 and abs(first["kl_ref"]) < 1e-5
     for k in ("grad_norm", "lr", "tokens_per_s", "logps/chosen", "logps/rejected", "rewards/accuracies"):
@@ -207,8 +223,8 @@ def test_dpo_lora_run_metrics_and_bad_examples(tmp_path):
     # TensorBoard scalars mirror metrics.jsonl
     tb = os.path.join(tmp_path / "w", "tb")
     ev = read_events(os.path.join(tb, os.listdir(tb)[0]))
-    assert [s for s, _ in ev] == [1, 2, 3]
-    assert math.isclose(ev[2][1]["loss"], m[2]["loss"], rel_tol=1e-6)
+    assert [s for s, _ in ev] == [0, 1, 2, 3]
+    assert math.isclose(ev[3][1]["loss"], m[3]["loss"], rel_tol=1e-6)
 
 
 def _worker(config, overrides, pause=0.0):
@@ -251,3 +267,71 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path):
     # same program, same inputs, same restored state: the curves agree to the bit
     assert [x["loss"] for x in got] == [x["loss"] for x in want]
     assert [x["grad_norm"] for x in got] == [x["grad_norm"] for x in want]
+
+
+def test_treg_step_uses_contrastive_reference_rewards():
+    """The trainer's T-REG loss equals the formula computed from independent per-sequence forwards:
+    policy/reference log-probs of each completion token, and the reference's log-probs of the same
+    tokens with the 'better' / 'worse' instruction written between BOS and the prompt."""
+    from tokax.model.decoder import forward
+    from tokax.train.trainer import make_loss_fn
+
+    rng = np.random.default_rng(3)
+    params = jax.jit(lambda k: init_params(CFG, k))(jax.random.PRNGKey(1))
+    ref = jax.tree.map(lambda x: x + 0.05 * jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+    better, worse = (5, 6, 7), (8, 9)
+    spec = StepSpec(model=CFG, loss="treg", loss_kwargs=(("alpha", 0.5), ("beta", 0.3)),
+                    contrastive_prefixes=(better, worse), log_ref_kl=False)
+    T, bos = 16, 2
+    seqs = {}
+    for side in ("chosen", "rejected"):
+        rows = []
+        for _ in range(3):
+            prompt = list(rng.integers(10, 64, rng.integers(2, 6)))
+            comp = list(rng.integers(10, 64, rng.integers(1, 6)))
+            rows.append((prompt, comp))
+        seqs[side] = rows
+
+    def arrays(rows):
+        tok = np.zeros((len(rows), T), np.int32)
+        tgt = np.zeros_like(tok)
+        pos = np.full_like(tok, -1)
+        mask = np.zeros(tok.shape, np.float32)
+        for i, (p, c) in enumerate(rows):
+            s = [bos] + p + c
+            tok[i, : len(s)] = s
+            tgt[i, : len(s) - 1] = s[1:]
+            pos[i, : len(s)] = np.arange(len(s))
+            mask[i, len(p) : len(s) - 1] = 1.0  # targets that are completion tokens
+        return tok, tgt, pos, mask
+
+    mb = {}
+    for side, rows in seqs.items():
+        for k, v in zip(("tokens", "targets", "positions", "mask"), arrays(rows)):
+            mb[f"{side}_{k}"] = jnp.asarray(v)
+    loss, (metrics, _, _) = jax.jit(make_loss_fn(spec))(params, {"ref": ref}, mb, {})
+
+    def comp_logps(p, prefix, prompt, comp):
+        s = [bos] + list(prefix) + prompt + comp
+        lg, _, _ = forward(CFG, p, jnp.asarray([s]), jnp.arange(len(s))[None])
+        lg = np.asarray(lg[0], np.float64)
+        lsm = lg - (np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) + lg.max(-1, keepdims=True))
+        start = 1 + len(prefix) + len(prompt)  # index of the first completion token
+        return np.array([lsm[start + j - 1, comp[j]] for j in range(len(comp))])
+
+    beta, alpha = 0.3, 0.5
+    seq_r, agree = {}, {}
+    for side, rows in seqs.items():
+        seq_r[side], agree[side] = [], []
+        for p, c in rows:
+            rho = beta * (comp_logps(params, (), p, c) - comp_logps(ref, (), p, c))
+            rhat = 1 / (1 + np.exp(-(comp_logps(ref, better, p, c) - comp_logps(ref, worse, p, c)))) - 0.5
+            seq_r[side].append(rho.sum())
+            agree[side].append((rhat * rho).sum())
+    h = np.array(seq_r["chosen"]) - np.array(seq_r["rejected"])
+    w = 1 / (1 + np.exp(h))
+    want = np.mean(np.log1p(np.exp(-h)) + alpha * w * -(np.array(agree["chosen"]) + np.array(agree["rejected"])))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["treg/agreement_chosen"]), np.mean(agree["chosen"]), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="contrastive_prefixes"):
+        StepSpec(model=CFG, loss="treg")

@@ -79,7 +79,10 @@ class Block(nn.Module):
         else:
             cache = kvc.write_layer(cache, self.layer, k, v)
             extra = None if block_mask is None else kvc.block_visibility(cache, block_mask, block_start)
-            a = attend(cfg.attention_impl, q, cache.k[self.layer], cache.v[self.layer], cfg.attn_scale,
+            # Cached decoding is not sequence parallel (every device holds the
+            # whole cache), so 'ring' configs decode with the reference path.
+            impl = "reference" if cfg.attention_impl == "ring" else cfg.attention_impl
+            a = attend(impl, q, cache.k[self.layer], cache.v[self.layer], cfg.attn_scale,
                        positions, cache.pos, window, extra_mask=extra)
         a = jnp.einsum("bthk,hkd->btd", a, p("o", (H, Dh, D), _normal((H * Dh) ** -0.5)))
         x = x + rms_norm(a, p("post_attn_norm", (D,), zeros), cfg.rms_eps)

@@ -20,9 +20,10 @@ config.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -41,6 +42,7 @@ __all__ = [
     "batch_shardings",
     "replicated",
     "constrain",
+    "mesh_context",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -256,3 +258,26 @@ def constrain(x: jax.Array, logical: Sequence[str | None], mesh: Mesh | None, ru
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical, x.shape, mesh, rules)))
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh | None) -> Iterator[None]:
+    """Make ``mesh`` the ambient mesh (a no-op for ``None``), so that model code
+    that never names a mesh can find it: ``attention_impl='ring'`` reads the
+    ``sequence`` axis from ``jax.sharding.get_abstract_mesh()``.
+
+    Outside ``jit`` this is ``jax.set_mesh(mesh)`` (which JAX forbids while
+    tracing); inside a traced function (e.g. around the model call in a loss)
+    it is ``jax.sharding.use_abstract_mesh(mesh.abstract_mesh)``, which is
+    what tracing reads. Meshes from ``make_mesh`` have Auto axes, so nothing
+    else changes: shardings still come from ``in_shardings`` / ``constrain``.
+    """
+    if mesh is None:
+        yield
+        return
+    try:
+        ctx = jax.set_mesh(mesh)
+    except ValueError:  # inside jit: only the abstract mesh may be set
+        ctx = jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+    with ctx:
+        yield

@@ -61,6 +61,7 @@ from tokax.train.losses import (
     update_running_mean,
 )
 from tokax.train.losses.bco import bco_rewards
+from tokax.train.losses.treg import contrastive_token_rewards
 
 __all__ = [
     "StepSpec",
@@ -78,7 +79,12 @@ log = logging.getLogger("tokax.train")
 
 Params = Any
 SUPPORTED_LOSSES = ("sft", "distill", "dpo", "cdpo", "robust_dpo", "ipo", "hinge", "simpo", "orpo",
-                    "kto", "bco", "tdpo1", "tdpo2")
+                    "kto", "bco", "tdpo1", "tdpo2", "treg")
+
+# T-REG's contrastive prompts (Zhou et al. 2024) for the shipped code-continuation task: the
+# reference scores each response token after an instruction to write better / worse code.
+DEFAULT_BETTER_PREFIX = "# Continue the function below with its correct, idiomatic next line of Python.\n"
+DEFAULT_WORSE_PREFIX = "# Continue the function below with a wrong, garbled or unrelated line of Python.\n"
 
 
 # ----------------------------------------------------------------------------
@@ -87,8 +93,10 @@ SUPPORTED_LOSSES = ("sft", "distill", "dpo", "cdpo", "robust_dpo", "ipo", "hinge
 
 
 def build_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Schedule:
-    """Learning rate per step: linear warmup from 0, then 'constant', 'cosine' or 'linear' decay
-    to ``lr * final_lr_ratio`` at ``total_steps``."""
+    """Learning rate of the n-th update (n = 1..total_steps): linear warmup ``lr * n / warmup_steps``
+    (so the first update already moves, at ``lr / warmup_steps``), then 'constant', 'cosine' or
+    'linear' decay reaching ``lr * final_lr_ratio`` at ``n = total_steps``. ``s(0) = 0`` is the
+    (never used) value before the first update; the optimizer calls it as ``s(count + 1)``."""
     lr, warm = float(opt["lr"]), int(opt.get("warmup_steps", 0))
     end = lr * float(opt.get("final_lr_ratio", 0.0))
     kind = opt.get("schedule", "cosine")
@@ -113,16 +121,18 @@ def build_optimizer(opt: Mapping[str, Any], total_steps: int) -> tuple[optax.Gra
     to norm scales.
     """
     sched = build_schedule(opt, total_steps)
+    # optax counts updates from 0; our schedule is indexed by the update's 1-based step number.
+    opt_sched = lambda count: sched(count + 1)  # noqa: E731
     name = opt.get("name", "adamw")
     wd = float(opt.get("weight_decay", 0.0))
     decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
     if name == "adamw":
-        core = optax.adamw(sched, b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.999)),
+        core = optax.adamw(opt_sched, b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.999)),
                            eps=float(opt.get("eps", 1e-8)), weight_decay=wd, mask=decay_mask)
     elif name == "sgd":
-        core = optax.sgd(sched, momentum=float(opt.get("momentum", 0.0)) or None)
+        core = optax.sgd(opt_sched, momentum=float(opt.get("momentum", 0.0)) or None)
     elif name == "adafactor":
-        core = optax.adafactor(sched, weight_decay_rate=wd or None)
+        core = optax.adafactor(opt_sched, weight_decay_rate=wd or None)
     else:
         raise ValueError(f"optimizer.name={name!r}: use 'adamw', 'sgd' or 'adafactor'")
     clip = float(opt.get("grad_clip", 0.0))
@@ -147,13 +157,17 @@ class StepSpec:
     logprob_chunk: int | None = None  # vocabulary chunk of the log-prob / KL kernels; None: full softmax
     log_ref_kl: bool = True  # log KL(pi_ref || pi) on completion tokens (reference losses)
     logprobs_impl: str = "auto"  # 'auto' (chunked scan if logprob_chunk else full) | 'chunked_kernel' (Pallas)
+    # T-REG: token ids (no BOS) of the "better" and "worse" instructions inserted after BOS,
+    # before the prompt, when the reference scores the responses for token-level rewards.
+    contrastive_prefixes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def __post_init__(self):
         if self.loss not in SUPPORTED_LOSSES:
             raise ValueError(
                 f"loss={self.loss!r} is not supported by the trainer; choose one of {list(SUPPORTED_LOSSES)}"
-                + (" (treg needs token-level rewards from contrastive prompting, not wired here)" if self.loss == "treg" else "")
             )
+        if self.loss == "treg" and (self.contrastive_prefixes is None or not all(self.contrastive_prefixes)):
+            raise ValueError("loss='treg' needs contrastive_prefixes=(better_ids, worse_ids), both non-empty")
         if self.logprobs_impl not in ("auto", "chunked_kernel"):
             raise ValueError(f"logprobs_impl={self.logprobs_impl!r}: use 'auto' or 'chunked_kernel'")
         if self.loss == "distill" and self.teacher is None:
@@ -219,6 +233,18 @@ def make_loss_fn(spec: StepSpec, mesh=None, rules=()) -> Callable:
         loss, metrics = fn(batch, **kw)
         return loss, (metrics, jnp.sum(mask).astype(jnp.float32), loss_state)
 
+    def contrastive_logps(ref, tokens, targets, positions, prefix):
+        """Reference log-probs of the same targets with ``prefix`` inserted after BOS: [N, T],
+        aligned with ``targets`` (sequences are ``[bos] + prompt + completion``, positions -1 on padding)."""
+        n, pl = tokens.shape[0], len(prefix)
+        pre = jnp.broadcast_to(jnp.asarray(prefix, tokens.dtype)[None, :], (n, pl))
+        c_tok = jnp.concatenate([tokens[:, :1], pre, tokens[:, 1:]], axis=1)  # [N, T+P]
+        c_pos = jnp.concatenate([positions[:, :1], jnp.broadcast_to(jnp.arange(1, pl + 1, dtype=positions.dtype), (n, pl)),
+                                 jnp.where(positions[:, 1:] >= 0, positions[:, 1:] + pl, -1)], axis=1)
+        c_tgt = jnp.concatenate([jnp.zeros((n, pl), targets.dtype), targets], axis=1)  # c_tgt[:, P + t] = targets[:, t]
+        ch = _hidden(cfg, ref, c_tok, c_pos, None, mesh, rules)
+        return jax.lax.stop_gradient(lp_of(ref, ch, c_tgt)[:, pl:])
+
     def seq_terms(trainable, frozen, tokens, targets, positions, mask):
         """Policy (and reference) sequence log-prob sums, counts, and per-token KL(ref || pi)."""
         params = _policy(spec, trainable, frozen)
@@ -229,7 +255,14 @@ def make_loss_fn(spec: StepSpec, mesh=None, rules=()) -> Callable:
         if spec.info.needs_reference:
             ref = jax.lax.stop_gradient(_reference(spec, trainable, frozen))
             rh = jax.lax.stop_gradient(_hidden(cfg, ref, tokens, positions, None, mesh, rules))
-            out["ref_logps"], _ = sequence_logprobs(lp_of(ref, rh, targets), mask)
+            ref_lp = lp_of(ref, rh, targets)
+            out["ref_logps"], _ = sequence_logprobs(ref_lp, mask)
+            if spec.loss == "treg":
+                better, worse = spec.contrastive_prefixes
+                out["token_logratios"] = lp - ref_lp  # [N, T] (gradient through lp)
+                out["token_rewards"] = contrastive_token_rewards(
+                    contrastive_logps(ref, tokens, targets, positions, better),
+                    contrastive_logps(ref, tokens, targets, positions, worse), mask)
             if spec.loss in ("tdpo1", "tdpo2") or spec.log_ref_kl:
                 grad_kl = spec.loss in ("tdpo1", "tdpo2")
                 hk = h if grad_kl else jax.lax.stop_gradient(h)
@@ -249,6 +282,11 @@ def make_loss_fn(spec: StepSpec, mesh=None, rules=()) -> Callable:
             fields.update(ref_chosen_logps=c(o["ref_logps"]), ref_rejected_logps=r(o["ref_logps"]))
         if "kl" in o:
             fields.update(chosen_kl=c(o["kl"]), rejected_kl=r(o["kl"]))
+        if "token_rewards" in o:
+            m = cat("mask")
+            fields.update(chosen_token_logratios=c(o["token_logratios"]), rejected_token_logratios=r(o["token_logratios"]),
+                          chosen_token_rewards=c(o["token_rewards"]), rejected_token_rewards=r(o["token_rewards"]),
+                          chosen_mask=c(m), rejected_mask=r(m))
         loss, metrics = fn(PreferenceBatch(**fields), **kw)
         metrics = dict(metrics)
         if "kl" in o:
@@ -347,7 +385,7 @@ def _train_step_fn(spec: StepSpec, tx, schedule, mesh, rules):
             "loss_state": keep(loss_state, state["loss_state"]),
             "nonfinite": state["nonfinite"] + (~ok).astype(jnp.int32),
         }
-        out = {"loss": loss, "grad_norm": gnorm, "lr": schedule(state["step"]),
+        out = {"loss": loss, "grad_norm": gnorm, "lr": schedule(state["step"] + 1),
                "skipped": (~ok).astype(jnp.float32), **{k: v for k, v in metrics.items()}}
         if spec.info.kind == "token":
             out["tokens"] = w
@@ -732,11 +770,17 @@ def run(config: Any, *, on_step: Callable[[int, dict[str, float]], None] | None 
 
     lc = _get(config, "lora", None)
     use_lora = bool(lc is not None and _get(lc, "enabled", False))
+    prefixes = None
+    if loss_name == "treg":
+        cp = _get(config, "contrastive_prompts", None)
+        better = str(_get(cp, "better", "") or DEFAULT_BETTER_PREFIX) if cp is not None else DEFAULT_BETTER_PREFIX
+        worse = str(_get(cp, "worse", "") or DEFAULT_WORSE_PREFIX) if cp is not None else DEFAULT_WORSE_PREFIX
+        prefixes = (tuple(int(i) for i in tok.encode(better)), tuple(int(i) for i in tok.encode(worse)))
     spec = StepSpec(
         model=cfg, loss=loss_name, loss_kwargs=_loss_kwargs(loss_name, _get(config, "loss_kwargs", None)),
         lora_alpha=float(lc.alpha) if use_lora else None, teacher=teacher_cfg,
         logprob_chunk=int(_get(config, "logprob_chunk", 0)) or None, log_ref_kl=bool(_get(config, "log_ref_kl", True)),
-        logprobs_impl=str(_get(config, "logprobs_impl", "auto")),
+        logprobs_impl=str(_get(config, "logprobs_impl", "auto")), contrastive_prefixes=prefixes,
     )
     frozen: dict[str, Any] = {}
     if use_lora:
@@ -816,6 +860,14 @@ def run(config: Any, *, on_step: Callable[[int, dict[str, float]], None] | None 
     last: dict[str, float] = {}
     t_last, tok_since, bad_run = time.time(), 0, 0
     step = start
+    if eval_every and start == 0 and bool(_get(config, "eval_at_start", True)):
+        # Step 0: the starting model, before any update; `loss` is the first training batch's.
+        m0 = {"loss": float(jax.device_get(make_eval_step(spec, mesh, rules, param_sh, frozen_sh, batch_sh)(
+            state["params"], frozen, state["loss_state"], first))["loss"])}
+        m0.update(evaluate())
+        logger.write(0, m0)
+        if on_step is not None:
+            on_step(0, m0)
     try:
         pending = first
         while step < total_steps:

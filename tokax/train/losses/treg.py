@@ -1,32 +1,36 @@
-"""T-REG: Zhou et al. 2024, "T-REG: Preference Optimization with Token-Level Reward Regularization".
+"""T-REG: Zhou et al. 2024 (ACL 2025), "T-REG: Preference Optimization with Token-Level Reward Regularization", arXiv:2412.02685.
 
 T-REG trains with DPO's sequence-level objective and adds a regularizer that
-asks DPO's implicit token-level rewards,
+pulls DPO's implicit token-level rewards,
 
     rho_t = beta * (log pi(y_t | x, y<t) - log pi_ref(y_t | x, y<t)),
 
-to agree with token-level rewards r_t that the model generated for itself
-by contrastive prompting (scoring the response under a prompt asking for a
-better answer and one asking for a worse answer). The rewards are weak,
-noisy supervision; they only regularize how the sequence reward is spread
-over the tokens.
+toward token-level rewards the model generates for itself by contrastive
+prompting: the (frozen) reference scores each response token under a prompt
+asking for a better response (x+) and under one asking for a worse one (x-),
 
-What is implemented here (the seeds hold the abstract only; check the
-paper's own equation before comparing numbers with it):
+    rhat_t = sigmoid(log pi_ref(y_t | x+, y<t) - log pi_ref(y_t | x-, y<t)) - 1/2   in (-1/2, 1/2).
 
-    h        = sum_t m^w_t rho^w_t - sum_t m^l_t rho^l_t              (= beta Delta of DPO)
-    L_DPO    = -log sigmoid(h)
-    S(y)     = sum_t m_t r_t rho_t                                      (agreement of the two)
-    L_REG    = -log sigmoid(S(y_w)) - log sigmoid(S(y_l))
-    L        = mean_pairs [ L_DPO + alpha * L_REG ]
+The regularizer maximises the agreement sum_t rhat_t * rho_t of the two token
+rewards on both responses, weighted per pair by the DPO gradient's own
+sequence weight w = sigmoid(r(y_l) - r(y_w)) (no gradient through w), so it
+acts most where DPO still gets the pair wrong:
 
-r_t is signed (positive: the token makes the response better, negative:
-worse) and a constant (no gradient). Raising S(y) raises the implicit
-reward of tokens with r_t > 0 and lowers it for r_t < 0, in the chosen and
-in the rejected response alike, while the DPO term keeps the sequence-level
-preference. alpha = 0 gives DPO on the same inputs.
+    h      = sum_t m^w_t rho^w_t - sum_t m^l_t rho^l_t                (= the DPO margin)
+    L_DPO  = -log sigmoid(h)
+    L_REG(y) = -sum_t m_t rhat_t rho_t
+    L      = mean_pairs [ L_DPO + alpha * sg(sigmoid(-h)) * (L_REG(y_w) + L_REG(y_l)) ]
 
-`contrastive_token_rewards` builds r_t from the two contrastive-prompt
+The paper writes L_REG as the reward-weighted language-modelling loss
+-sum_t beta rhat_t log pi(y_t | ...); that differs from -sum_t rhat_t rho_t
+by beta sum_t rhat_t log pi_ref, a constant of the parameters, so the
+gradients are identical (here the value also stays 0 at the reference).
+The paper searches alpha in {0.1, 0.25, 0.5}. alpha = 0 gives DPO.
+
+Sources: the abstract (seeds) and a published summary of the paper's
+method section (the code repository was not reachable from here); the
+contrastive prompts themselves are task-specific (see ``trainer.StepSpec``).
+`contrastive_token_rewards` builds rhat_t from the two contrastive-prompt
 log-probs of each token; any other token-level reward can be passed instead.
 """
 
@@ -50,19 +54,19 @@ TOKEN_FIELDS = (
 
 
 def contrastive_token_rewards(better_token_logps: Array, worse_token_logps: Array, mask: Array) -> Array:
-    """Token rewards from contrastive prompting: r_t = 2 sigmoid(log p(y_t|x+, y<t) - log p(y_t|x-, y<t)) - 1.
+    """Token rewards from contrastive prompting: rhat_t = sigmoid(log p(y_t|x+, y<t) - log p(y_t|x-, y<t)) - 1/2.
 
     x+ / x- are the prompt wrapped in an instruction to improve / worsen the
-    response (the same model, no training). r_t is in (-1, 1), positive when
-    the "better" prompt makes the token more likely; 0 off the mask; detached.
-    Shapes [B, T].
+    response (the reference model, no training). rhat_t is in (-1/2, 1/2),
+    positive when the "better" prompt makes the token more likely; 0 off the
+    mask; detached. Shapes [B, T].
     """
-    r = 2.0 * jax.nn.sigmoid(to_float(better_token_logps) - to_float(worse_token_logps)) - 1.0
+    r = jax.nn.sigmoid(to_float(better_token_logps) - to_float(worse_token_logps)) - 0.5
     return jax.lax.stop_gradient(jnp.where(mask.astype(bool), r, 0.0))
 
 
 def treg_loss(batch: PreferenceBatch, *, beta: float = 0.1, alpha: float = 1.0) -> tuple[Array, dict]:
-    """T-REG (Zhou et al. 2024): DPO + alpha * token-reward agreement regularizer (module docstring).
+    """T-REG (Zhou et al. 2024): DPO + alpha * w * token-reward agreement regularizer (module docstring).
 
     Needs the token fields of the batch: per-token log-ratios log pi - log
     pi_ref [B, T], token rewards [B, T] and completion masks [B, T] for the
@@ -81,13 +85,15 @@ def treg_loss(batch: PreferenceBatch, *, beta: float = 0.1, alpha: float = 1.0) 
     seq_w, seq_l = jnp.sum(rho_w, axis=-1), jnp.sum(rho_l, axis=-1)  # [B] sequence rewards
     dpo = -jax.nn.log_sigmoid(seq_w - seq_l)
     s_w, s_l = jnp.sum(r_w * rho_w, axis=-1), jnp.sum(r_l * rho_l, axis=-1)
-    reg = -jax.nn.log_sigmoid(s_w) - jax.nn.log_sigmoid(s_l)
-    loss = jnp.mean(dpo + alpha * reg)
+    reg = -(s_w + s_l)  # L_REG(y_w) + L_REG(y_l)
+    w = jax.lax.stop_gradient(jax.nn.sigmoid(seq_l - seq_w))  # DPO's own per-pair gradient weight
+    loss = jnp.mean(dpo + alpha * w * reg)
     metrics = pair_metrics(seq_w, seq_l, batch)
     metrics.update(
         {
             "treg/dpo_loss": sg(jnp.mean(dpo)),
             "treg/reg_loss": sg(jnp.mean(reg)),
+            "treg/seq_weight": sg(jnp.mean(w)),
             "treg/agreement_chosen": sg(jnp.mean(s_w)),
             "treg/agreement_rejected": sg(jnp.mean(s_l)),
         }

@@ -1,0 +1,198 @@
+"""Blockwise parallel decoding (Stern et al. 2018) with Medusa-style heads.
+
+``k`` extra heads read the frozen target's final-normed hidden state ``h_t``
+(the state after token ``t``, from which the target itself predicts token
+``t+1``) and each predicts one token further ahead:
+
+    head i (i = 1..k):  f_i = h_t + SiLU(W_i h_t + b_i)          # [D]
+                        q_i(. | x_{<=t}) = softmax(E f_i)          # token t+1+i
+
+with ``E`` the target's tied embedding (its LM head). This is Medusa-1's head
+(one residual SiLU block, LM head shared instead of copied); Stern et al.
+use one hidden layer per head on the decoder output, same role. With
+``W_i = 0, b_i = 0`` (``init_heads``) every head starts as the target's own
+next-token distribution, so training starts from "repeat the base
+prediction" and only has to learn the shift.
+
+Decoding (the paper's predict / verify / accept, merged as in its Sec. 3:
+"the verify pass also proposes the next block"): the chain loop
+(``tokax.decode.speculative``) verifies ``[last, x_1..x_k]`` in one target
+pass; ``observe_hidden`` keeps ``h`` at the newest accepted token, whose
+target prediction is the token the verifier just emitted (``t+1``), and
+the heads turn it into the next block's drafts ``x_1..x_k`` for positions
+``t+2..t+1+k`` with no extra target pass. The first round has no hidden
+state yet and proposes nothing (the loop runs a one-token pass, which
+still feeds the hook).
+
+Drafts are ``argmax q_i`` at temperature 0 (the paper's greedy blockwise
+decoding: accept the longest prefix on which the base model's argmax
+agrees), and, with ``sample_drafts=True``, draws ``x_i ~ q_i`` at
+temperature > 0 with ``q_logits`` returned so speculative sampling keeps the
+target's exact distribution; with ``sample_drafts=False`` they are argmax
+drafts treated as deterministic (q one-hot), also exact.
+
+``head_topk_tree`` expands the heads into Medusa's static token tree (the
+cartesian product of each head's top-``k_i`` tokens) for tree verification.
+Training (frozen target): ``tokax.train.heads``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from tokax.decode.proposers import Context, Proposal
+from tokax.decode.sampling import SamplingParams, sample
+
+Params = Any
+
+
+def init_heads(d_model: int, k: int, rng: jax.Array | None = None, scale: float = 0.0) -> Params:
+    """Params of ``k`` heads: ``{"w": [k, D, D], "b": [k, D]}`` float32.
+    ``scale = 0`` (default) is Medusa's init: ``W = 0``, each head equals the
+    target's next-token head. ``scale > 0`` draws ``W ~ N(0, scale^2 / D)``
+    (tests: heads that disagree with each other and with the target)."""
+    if k < 1:
+        raise ValueError(f"blockwise heads: k={k} must be >= 1")
+    w = jnp.zeros((k, d_model, d_model), jnp.float32)
+    if scale > 0.0:
+        if rng is None:
+            raise ValueError("init_heads(scale > 0) needs an rng")
+        w = jax.random.normal(rng, (k, d_model, d_model), jnp.float32) * (scale * d_model**-0.5)
+    return {"w": w, "b": jnp.zeros((k, d_model), jnp.float32)}
+
+
+def apply_heads(hparams: Params, hidden: jax.Array) -> jax.Array:
+    """Head features ``f_i = h + SiLU(W_i h + b_i)``: ``hidden [..., D]`` ->
+    ``[..., k, D]`` float32 (unembed with the target's embedding for logits)."""
+    h = hidden.astype(jnp.float32)
+    z = jnp.einsum("...d,kde->...ke", h, hparams["w"]) + hparams["b"]  # [..., k, D]
+    return h[..., None, :] + jax.nn.silu(z)
+
+
+def head_logits(hparams: Params, embed: jax.Array, hidden: jax.Array) -> jax.Array:
+    """Draft logits of every head: ``hidden [..., D]`` -> ``[..., k, V]`` float32,
+    head ``i`` (0-based) predicting the token ``i + 2`` positions after the
+    token that produced ``hidden``."""
+    f = apply_heads(hparams, hidden)
+    return jnp.einsum("...kd,vd->...kv", f.astype(embed.dtype), embed, preferred_element_type=jnp.float32)
+
+
+@struct.dataclass
+class BlockwiseState:
+    hidden: jax.Array  # [B, D] float32 target state after the newest accepted token
+    ready: jax.Array  # [B] bool, hidden is set (False before the first target pass)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseProposer:
+    """Chain proposer from ``k`` heads; ``pparams = init_heads(...)`` (or
+    trained heads with at least ``k`` heads: the first ``k`` are used)."""
+
+    k: int = 3
+    sample_drafts: bool = True  # temperature > 0: draw drafts from the heads (else argmax, q one-hot)
+    can_be_empty = True  # the first round: no hidden yet, one-token pass
+    uses_target_hidden = True
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"blockwise k={self.k}: the number of heads per round must be >= 1")
+
+    def check(self, target_cfg) -> None:
+        pass
+
+    def _check_heads(self, tparams, pparams) -> None:
+        if pparams is None or "w" not in pparams:
+            raise ValueError("blockwise proposer needs pparams = heads from blockwise.init_heads or a trained .npz")
+        kh, d, _ = pparams["w"].shape
+        D = tparams["embed"].shape[1]
+        if kh < self.k:
+            raise ValueError(f"blockwise k={self.k} but the heads file has only {kh} heads; lower k")
+        if d != D:
+            raise ValueError(f"blockwise heads have d_model={d}, the target has d_model={D}")
+
+    def init(self, tparams, pparams, prompt, prompt_len, cache_len) -> BlockwiseState:
+        self._check_heads(tparams, pparams)
+        B = prompt.shape[0]
+        D = tparams["embed"].shape[1]
+        return BlockwiseState(hidden=jnp.zeros((B, D), jnp.float32), ready=jnp.zeros((B,), bool))
+
+    def propose(self, tparams, pparams, st: BlockwiseState, ctx: Context, sp: SamplingParams, rng):
+        heads = jax.tree_util.tree_map(lambda a: a[: self.k], pparams)
+        logits = head_logits(heads, tparams["embed"], st.hidden)  # [B, K, V]
+        if self.sample_drafts:
+            tokens = sample(rng, logits, sp)  # [B, K]: argmax at temperature 0, else x_i ~ q_i
+            q = logits
+        else:
+            tokens, q = jnp.argmax(logits, -1).astype(jnp.int32), None
+        n = jnp.where(st.ready & ctx.live, self.k, 0).astype(jnp.int32)
+        return Proposal(tokens=tokens, n=n, q_logits=q), st
+
+    def update(self, st, ctx, n_draft, n_acc, live):
+        return st
+
+    def observe_hidden(self, st: BlockwiseState, hidden, n_acc, live) -> BlockwiseState:
+        # hidden [B, K+1, D]; index n_acc = the state after the newest accepted token.
+        h = jnp.take_along_axis(hidden, n_acc[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        return BlockwiseState(hidden=jnp.where(live[:, None], h, st.hidden), ready=st.ready | live)
+
+
+# ----------------------------------------------------------------------------
+# Medusa-style static token tree from the heads
+# ----------------------------------------------------------------------------
+
+
+def tree_structure(topk: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Static shape of the cartesian top-k tree: nodes are the paths
+    ``(c_1..c_d)``, ``c_i < topk[i-1]``, for depth ``d = 1..len(topk)``, in
+    breadth-first order (a parent before its children; siblings by rank).
+    Returns ``parents [N]`` (index of the parent node, -1 = child of the
+    root, i.e. of the last accepted token), ``depth [N]`` (1-based) and
+    ``rank [N]`` (``c_d``: the rank of the node's token in its head's top-k)."""
+    if not topk or any(int(t) < 1 for t in topk):
+        raise ValueError(f"head_topk_tree topk={topk}: need one entry >= 1 per head")
+    index: dict[tuple[int, ...], int] = {}
+    parents, depth, rank = [], [], []
+    for d in range(1, len(topk) + 1):
+        for path in itertools.product(*(range(int(t)) for t in topk[:d])):
+            index[path] = len(parents)
+            parents.append(index[path[:-1]] if d > 1 else -1)
+            depth.append(d)
+            rank.append(path[-1])
+    return np.asarray(parents, np.int32), np.asarray(depth, np.int32), np.asarray(rank, np.int32)
+
+
+class HeadTree(NamedTuple):
+    parents: np.ndarray  # [N] static: parent node index, -1 = the root (last accepted token)
+    depth: np.ndarray  # [N] static: 1..k, the head that drafted the node
+    tokens: jax.Array  # [B, N] int32 draft token of each node
+    head_logits: jax.Array  # [B, k, V] float32 raw draft logits of each head
+
+    def q_logits(self) -> jax.Array:
+        """Per-node draft logits ``[B, N, V]``: a node at depth d has head d's distribution."""
+        return self.head_logits[:, self.depth - 1]
+
+
+def head_topk_tree(hparams: Params, embed: jax.Array, hidden: jax.Array, topk: tuple[int, ...]) -> HeadTree:
+    """Medusa's tree: node ``(c_1..c_d)`` carries the ``c_d``-th most likely
+    token of head ``d`` (``d`` tokens ahead of the target's next token), so a
+    root-to-node path is one candidate continuation; every combination of
+    the heads' top-``topk[i]`` tokens is present (``sum_d prod_{i<=d}
+    topk[i]`` nodes). ``hidden [B, D]`` is the target state after the last
+    accepted token; uses the first ``len(topk)`` heads."""
+    parents, depth, rank = tree_structure(tuple(int(t) for t in topk))
+    k = len(topk)
+    if hparams["w"].shape[0] < k:
+        raise ValueError(f"head_topk_tree: {k} levels need {k} heads, got {hparams['w'].shape[0]}")
+    heads = jax.tree_util.tree_map(lambda a: a[:k], hparams)
+    logits = head_logits(heads, embed, hidden)  # [B, k, V]
+    kmax = max(int(t) for t in topk)
+    _, top = jax.lax.top_k(logits, kmax)  # [B, k, kmax], best first
+    tokens = top[:, depth - 1, rank].astype(jnp.int32)  # [B, N]
+    return HeadTree(parents=parents, depth=depth, tokens=tokens, head_logits=logits)

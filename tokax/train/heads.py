@@ -1,0 +1,322 @@
+"""Training prediction heads on a frozen target (blockwise parallel decoding,
+Stern et al. 2018; Medusa-1, Cai et al. 2024).
+
+Head ``i`` (1..k) reads the target's final-normed hidden state ``h_t`` (the
+state after token ``t``) and predicts token ``t+1+i``; its logits are
+``E f_i(h_t)`` with ``E`` the target's tied embedding (``head_fn`` gives
+``f [..., k, D]``; ``tokax.decode.proposers.blockwise.apply_heads`` is the
+one the decoder uses, passed in by the caller because ``tokax.train`` does
+not import ``tokax.decode``). Per head, over valid positions:
+
+    L_i = (1 - w) * CE(E f_i(h_t), y_{t,i}) + w * KL(p(. | x_{<=t+i}) || q_i(. | x_{<=t}))
+
+where the label ``y_{t,i}`` is either the data token ``x_{t+1+i}`` (the
+paper's objective) or the target's own greedy token at ``t+i``,
+``argmax p(. | x_{<=t+i})`` (what greedy acceptance checks, Medusa-2's
+self-distillation in its hard form), and the KL term distils the target's
+full next-token distribution at ``t+i`` (soft self-distillation). The
+target is frozen: its hidden states are inputs (``target_hidden``
+precomputes them once, so many head steps reuse one target pass).
+
+Vocabulary: with ``cand`` ids the softmax runs over ``E[cand]`` only (a
+sampled softmax with the batch's labels plus extra negatives), which makes
+a 262k-token vocabulary trainable on CPU; without, over the full vocabulary
+(chunked with ``tokax.train.logprobs`` when ``chunk_size`` is set).
+Accuracy is always measured with the full-vocabulary argmax.
+
+``run(config, head_fn)`` trains from ``configs/blockwise.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tokax.model.config import ModelConfig
+from tokax.model.decoder import forward
+from tokax.train.logprobs import token_kl, token_logprobs
+
+Params = Any
+HeadFn = Callable[[Params, jax.Array], jax.Array]  # (hparams, hidden [..., D]) -> features [..., k, D]
+log = logging.getLogger(__name__)
+
+
+def shift_ahead(x: np.ndarray | jax.Array, k: int, offset: int, fill: int = 0):
+    """``out[b, t, i-1] = x[b, t + offset + i]`` for ``i = 1..k``, and the mask of
+    positions where that index exists. ``x [B, T]`` -> ``([B, T, k], [B, T, k] bool)``.
+    Labels: data tokens use ``offset=1`` (token t+1+i), greedy tokens ``offset=0``
+    (the target's argmax at t+i predicts token t+1+i)."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    B, T = x.shape
+    outs, oks = [], []
+    for i in range(1, k + 1):
+        s = offset + i
+        pad = xp.full((B, min(s, T)), fill, x.dtype)
+        outs.append(xp.concatenate([x[:, s:], pad], axis=1)[:, :T])
+        oks.append(xp.broadcast_to(xp.arange(T)[None, :] + s < T, (B, T)))
+    return xp.stack(outs, -1), xp.stack(oks, -1)
+
+
+def _ahead_hidden(hidden: jax.Array, k: int) -> jax.Array:
+    """``out[b, t, i-1] = hidden[b, t+i]`` (zeros past the end): ``[B, T, D]`` -> ``[B, T, k, D]``."""
+    B, T, D = hidden.shape
+    padded = jnp.concatenate([hidden, jnp.zeros((B, k, D), hidden.dtype)], axis=1)
+    return jnp.stack([padded[:, i : i + T] for i in range(1, k + 1)], axis=2)
+
+
+def heads_loss(
+    head_fn: HeadFn,
+    hparams: Params,
+    hidden: jax.Array,  # [B, T, D] target hidden states (frozen)
+    embed: jax.Array,  # [V', D] the target's embedding, or its rows E[cand]
+    labels: jax.Array,  # [B, T, k] indices into embed's rows
+    valid: jax.Array,  # [B, T, k] bool
+    *,
+    distill_weight: float = 0.0,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``sum_i L_i`` (module docstring) and per-head metrics ``ce [k]``, ``kl [k]``."""
+    hidden = jax.lax.stop_gradient(hidden.astype(jnp.float32))
+    embed = jax.lax.stop_gradient(embed.astype(jnp.float32))
+    f = head_fn(hparams, hidden)  # [B, T, k, D]
+    k = f.shape[2]
+    m = valid.astype(jnp.float32)
+    count = jnp.maximum(m.sum((0, 1)), 1.0)  # [k]
+    ce = -token_logprobs(f, embed, labels.astype(jnp.int32), chunk_size=chunk_size)  # [B, T, k]
+    ce_h = (ce * m).sum((0, 1)) / count
+    if distill_weight > 0.0:
+        ref = _ahead_hidden(hidden, k)  # the target's state at t+i predicts token t+1+i
+        kl = token_kl(f, embed, ref, embed, chunk_size=chunk_size)  # [B, T, k]
+        kl_h = (kl * m).sum((0, 1)) / count
+    else:
+        kl_h = jnp.zeros((k,), jnp.float32)
+    loss = jnp.sum((1.0 - distill_weight) * ce_h + distill_weight * kl_h)
+    return loss, {"ce": ce_h, "kl": kl_h}
+
+
+def head_accuracy(head_fn: HeadFn, hparams: Params, hidden: jax.Array, embed: jax.Array, labels: jax.Array,
+                  valid: jax.Array, rows: int | None = None) -> np.ndarray:
+    """Per-head top-1 accuracy ``[k]`` of ``argmax_v (E f_i)_v == labels`` over
+    valid positions, full vocabulary (``rows`` sequences per jitted call;
+    default: as many as keep the float32 logits under 256 MiB)."""
+    if rows is None:
+        per_row = hidden.shape[1] * labels.shape[2] * embed.shape[0] * 4
+        rows = max(1, (256 << 20) // per_row)
+
+    @jax.jit
+    def hits(h, lab, ok):
+        f = head_fn(hparams, h.astype(jnp.float32))
+        lg = jnp.einsum("btkd,vd->btkv", f.astype(embed.dtype), embed, preferred_element_type=jnp.float32)
+        top = jnp.argmax(lg, -1)
+        return ((top == lab) & ok).sum((0, 1)), ok.sum((0, 1))
+
+    num = den = 0
+    for s in range(0, hidden.shape[0], rows):
+        a, b = hits(jnp.asarray(hidden[s : s + rows]), jnp.asarray(labels[s : s + rows]), jnp.asarray(valid[s : s + rows]))
+        num, den = num + np.asarray(a), den + np.asarray(b)
+    return num / np.maximum(den, 1)
+
+
+def target_hidden(cfg: ModelConfig, tparams: Params, tokens: np.ndarray, rows: int = 4,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One frozen target pass over ``tokens [N, T]`` (no cache, causal):
+    final-normed hidden states ``[N, T, D]`` float32 and the target's greedy
+    token at every position ``[N, T]`` (argmax of its logits: the token it
+    predicts next)."""
+
+    @jax.jit
+    def run(tp, x):
+        pos = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32)[None], x.shape)
+        _, h, _ = forward(cfg, tp, x, pos, return_logits=False)
+        lg = jnp.einsum("btd,vd->btv", h, tp["embed"], preferred_element_type=jnp.float32)
+        return h.astype(jnp.float32), jnp.argmax(lg, -1).astype(jnp.int32)
+
+    hs, gs = [], []
+    for s in range(0, tokens.shape[0], rows):
+        h, g = run(tparams, jnp.asarray(tokens[s : s + rows]))
+        hs.append(np.asarray(h))
+        gs.append(np.asarray(g))
+        if progress is not None:
+            progress(min(s + rows, tokens.shape[0]), tokens.shape[0])
+    return np.concatenate(hs), np.concatenate(gs)
+
+
+def restrict_vocab(labels: np.ndarray, size: int, negatives: np.ndarray, vocab: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate vocabulary for a sampled softmax: the batch's label ids, then
+    ids from ``negatives`` (frequent tokens), then random ids, ``size`` in
+    all, sorted; returns ``(cand [size], labels as indices into cand)``."""
+    need = np.unique(labels)
+    if need.size > size:
+        raise ValueError(f"heads.cand_size={size} is smaller than the batch's {need.size} distinct labels; raise it")
+    extra = np.setdiff1d(negatives, need)[: size - need.size]
+    cand = np.union1d(need, extra)
+    if cand.size < size:
+        rest = np.setdiff1d(rng.choice(vocab, size=2 * size, replace=False), cand)[: size - cand.size]
+        cand = np.union1d(cand, rest)
+    return cand.astype(np.int32), np.searchsorted(cand, labels).astype(np.int32)
+
+
+def train_heads(
+    head_fn: HeadFn,
+    hparams: Params,
+    embed: jax.Array,  # [V, D]
+    batches: Iterable[Mapping[str, np.ndarray]],  # hidden [b,T,D], labels [b,T,k], valid [b,T,k], optional cand [M]
+    *,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    distill_weight: float = 0.0,
+    chunk_size: int | None = None,
+    total_steps: int | None = None,
+    callback: Callable[[int, float, dict], None] | None = None,
+) -> tuple[Params, list[float]]:
+    """AdamW (cosine decay when ``total_steps`` is given) on the heads only;
+    returns the trained heads and the loss per step. A batch with ``cand``
+    has ``labels`` indexing ``cand`` (``restrict_vocab``)."""
+    lr = optax.cosine_decay_schedule(learning_rate, total_steps) if total_steps else learning_rate
+    opt = optax.adamw(lr, weight_decay=weight_decay)
+    state = opt.init(hparams)
+
+    @jax.jit
+    def step(hp, st, emb, hidden, labels, valid):
+        def loss_fn(p):
+            return heads_loss(head_fn, p, hidden, emb, labels, valid, distill_weight=distill_weight,
+                              chunk_size=chunk_size)
+
+        (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(hp)
+        upd, st = opt.update(g, st, hp)
+        return optax.apply_updates(hp, upd), st, loss, metrics
+
+    losses = []
+    for i, b in enumerate(batches):
+        emb = embed[jnp.asarray(b["cand"])] if "cand" in b else embed
+        hparams, state, loss, metrics = step(hparams, state, emb, jnp.asarray(b["hidden"]), jnp.asarray(b["labels"]),
+                                             jnp.asarray(b["valid"]))
+        loss = float(loss)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"heads training: non-finite loss {loss} at step {i}; lower heads.lr")
+        losses.append(loss)
+        if callback is not None:
+            callback(i, loss, metrics)
+    return hparams, losses
+
+
+# ----------------------------------------------------------------------------
+# run(config): data -> target hidden states -> heads
+# ----------------------------------------------------------------------------
+
+
+def token_rows(tok: Any, pieces: list[str], n_rows: int, seq_len: int) -> np.ndarray:
+    """``[n_rows, seq_len]`` windows of ``[bos] + text`` of consecutive pieces
+    (non-overlapping, each within one piece; short tails dropped)."""
+    rows: list[list[int]] = []
+    for p in pieces:
+        ids = [tok.bos_id] + list(tok.encode(p))
+        for s in range(0, len(ids) - seq_len + 1, seq_len):
+            rows.append(ids[s : s + seq_len])
+            if len(rows) == n_rows:
+                return np.asarray(rows, np.int32)
+    if not rows:
+        raise ValueError(f"no corpus piece has {seq_len} tokens; lower heads.seq_len")
+    return np.asarray(rows, np.int32)
+
+
+def load_target(c) -> tuple[ModelConfig, Params, Any]:
+    """(cfg, params, tokenizer) of ``c.target`` (``configs/blockwise.py``)."""
+    from tokax.model import config as mc
+    from tokax.train.data import get_tokenizer
+
+    tok = get_tokenizer(c.tokenizer)
+    if c.target.init == "gemma3":
+        from tokax.model.loaders.gguf import load_gemma3
+
+        cfg, params = load_gemma3(c.target.dtype)
+        return cfg, params, tok
+    if c.target.init != "random":
+        raise ValueError(f"target.init={c.target.init!r}: use 'random' or 'gemma3'")
+    from tokax.model.decoder import init_params
+
+    cfg = mc.PRESETS[c.target.preset](**dict(c.target.overrides))
+    params = init_params(cfg, jax.random.PRNGKey(c.target.seed))
+    # A small embedding keeps a random target's next-token distributions spread.
+    params = dict(params, embed=params["embed"] * c.target.embed_init_std)
+    return cfg, params, tok
+
+
+def run(c, head_fn: HeadFn, init_fn: Callable[[int, int, jax.Array], Params], log_file: str | None = None) -> dict:
+    """Train heads per config ``c`` (``configs/blockwise.py``). Returns a
+    summary dict with per-head held-out accuracy vs the target's greedy token
+    (and vs the data token) before and after training, and the trained
+    ``hparams`` (the caller saves them, e.g. ``tokax.decode.proposers.save_params``)."""
+    from tokax.train.data import corpus_pieces
+
+    t0 = time.time()
+    out = open(log_file, "a") if log_file else None
+
+    def say(**kv):
+        kv["t"] = round(time.time() - t0, 1)
+        line = json.dumps(kv)
+        log.info(line)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    cfg, tparams, tok = load_target(c)
+    k, T = c.k, c.seq_len
+    say(event="loaded", model=cfg.name, vocab=cfg.vocab_size, d_model=cfg.d_model)
+    train_tok = token_rows(tok, corpus_pieces("train", max_files=c.max_files or None), c.train_rows, T)
+    eval_tok = token_rows(tok, corpus_pieces("eval", max_files=c.max_files or None), c.eval_rows, T)
+    say(event="data", train_rows=int(train_tok.shape[0]), eval_rows=int(eval_tok.shape[0]), seq_len=T)
+    prog = lambda i, n: say(event="target_pass", rows=i, of=n) if i % (8 * c.target_batch) == 0 or i == n else None
+    h_tr, g_tr = target_hidden(cfg, tparams, train_tok, c.target_batch, prog)
+    h_ev, g_ev = target_hidden(cfg, tparams, eval_tok, c.target_batch, prog)
+
+    def labels_of(tokens, greedy):
+        return shift_ahead(greedy, k, 0) if c.labels == "greedy" else shift_ahead(tokens, k, 1)
+
+    lab_tr, ok_tr = labels_of(train_tok, g_tr)
+    lab_ev_g, ok_ev_g = shift_ahead(g_ev, k, 0)
+    lab_ev_d, ok_ev_d = shift_ahead(eval_tok, k, 1)
+    embed = jnp.asarray(tparams["embed"])
+    hparams = init_fn(cfg.d_model, k, jax.random.PRNGKey(c.seed))
+    acc0 = head_accuracy(head_fn, hparams, h_ev, embed, lab_ev_g, ok_ev_g)
+    say(event="eval", step=0, acc_vs_greedy=acc0.round(4).tolist())
+
+    rng = np.random.default_rng(c.seed)
+    uniq, freq = np.unique(lab_tr, return_counts=True)
+    negatives = uniq[np.argsort(-freq)]
+
+    def batches():
+        for _ in range(c.steps):
+            idx = rng.choice(h_tr.shape[0], size=c.batch_size, replace=False)
+            b = {"hidden": h_tr[idx], "labels": lab_tr[idx], "valid": ok_tr[idx]}
+            if c.cand_size and c.cand_size < cfg.vocab_size:
+                b["cand"], b["labels"] = restrict_vocab(b["labels"], c.cand_size, negatives, cfg.vocab_size, rng)
+            yield b
+
+    def cb(i, loss, m):
+        if i % c.log_every == 0 or i == c.steps - 1:
+            say(event="train", step=i, loss=round(loss, 4), ce=np.asarray(m["ce"]).round(3).tolist())
+
+    hparams, losses = train_heads(head_fn, hparams, embed, batches(), learning_rate=c.lr, weight_decay=c.weight_decay,
+                                  distill_weight=c.distill_weight, chunk_size=c.chunk_size or None,
+                                  total_steps=c.steps, callback=cb)
+    acc = head_accuracy(head_fn, hparams, h_ev, embed, lab_ev_g, ok_ev_g)
+    acc_d = head_accuracy(head_fn, hparams, h_ev, embed, lab_ev_d, ok_ev_d)
+    # Reference point: how often the target's greedy token is the data token (head 0 would be the target itself).
+    base = float((g_ev[:, :-1] == eval_tok[:, 1:]).mean())
+    summary = {"event": "done", "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
+               "acc_vs_greedy_before": acc0.round(4).tolist(), "acc_vs_greedy": acc.round(4).tolist(),
+               "acc_vs_data": acc_d.round(4).tolist(), "target_greedy_vs_data": round(base, 4)}
+    say(**summary)
+    if out:
+        out.close()
+    return {**summary, "hparams": hparams}
