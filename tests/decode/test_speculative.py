@@ -198,3 +198,14 @@ def test_latest_match_brute_force():
     for b in range(Bm):
         want = max([j for j in range(S - n) if j + n < L[b] and (seq[b, j : j + n] == suf[b]).all()], default=-1)
         assert got[b] == want
+
+
+def test_verify_block_sizes():
+    from tokax.decode.speculative import verify_block_sizes
+
+    assert verify_block_sizes(5, None) == (1, 2, 4, 6)
+    assert verify_block_sizes(5, None, can_be_empty=False) == (2, 4, 6)
+    assert verify_block_sizes(7, None) == (1, 2, 4, 8)
+    assert verify_block_sizes(3, (4,)) == (4,)
+    with pytest.raises(ValueError, match="include k\\+1"):
+        verify_block_sizes(3, (1, 2))

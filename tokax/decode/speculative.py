@@ -17,10 +17,11 @@ Each round, for every live row:
    ``n_acc + 1`` tokens, cut at a stop token or the row's budget.
 
 Rows advance by different amounts: positions, cache lengths and the token
-history are per row. Every round costs one target pass over ``K + 1``
-tokens whatever the rows' ``n`` (a one-token pass when no row has a draft,
-for proposers that can come back empty); the loop ends when all rows are
-done.
+history are per row. Every round costs one target pass over the smallest of
+a few static block lengths (``verify_block_sizes``: 1, 2, 4, .., K + 1) that
+holds the longest live row's ``1 + n`` tokens, so a round with short drafts
+(or none: an n-gram miss) costs a short pass; the loop ends when all rows
+are done.
 
 Lossless: greedy output equals plain greedy decoding token for token (up to
 float ties between the one-token and the ``K + 1``-token forward); sampled
@@ -102,7 +103,22 @@ def init_spec_state(cfg, params, proposer, pparams, prompt, prompt_len, max_new,
     )
 
 
-def spec_step(cfg, params, proposer, pparams, s: SpecState, sp: SamplingParams, max_new, eos_ids, verifier) -> SpecState:
+def verify_block_sizes(k: int, sizes: tuple[int, ...] | None, can_be_empty: bool = True) -> tuple[int, ...]:
+    """The static verify-pass lengths the loop may pick from each round (the smallest that
+    holds the longest live row's ``1 + n`` tokens). Default: 1 (when a proposer can come back
+    empty), the powers of two below ``k + 1``, and ``k + 1``. ``(k + 1,)`` gives one fixed pass."""
+    if sizes is None:
+        sizes = tuple(2**i for i in range(k.bit_length() + 1) if 2**i < k + 1) + (k + 1,)
+        if not can_be_empty:
+            sizes = tuple(z for z in sizes if z > 1)
+    sizes = tuple(sorted(set(int(z) for z in sizes)))
+    if not sizes or sizes[0] < 1 or sizes[-1] != k + 1:
+        raise ValueError(f"verify_sizes={sizes}: need sizes in 1..k+1 that include k+1={k + 1}")
+    return sizes
+
+
+def spec_step(cfg, params, proposer, pparams, s: SpecState, sp: SamplingParams, max_new, eos_ids, verifier,
+              verify_sizes: tuple[int, ...] | None = None) -> SpecState:
     """One round: propose, verify in one target pass, keep the accepted prefix."""
     K = proposer.k
     B = s.seq.shape[0]
@@ -118,19 +134,24 @@ def spec_step(cfg, params, proposer, pparams, s: SpecState, sp: SamplingParams, 
     positions = jnp.where(live[:, None], s.seq_len[:, None] - 1 + ar, -1)
     start = s.cache.length
 
-    def verify_pass(_):
-        lg, h, c = forward(cfg, params, block, positions, s.cache)
-        return lg, h, c  # [B, K+1, V], [B, K+1, D]
+    sizes = verify_block_sizes(K, verify_sizes, getattr(proposer, "can_be_empty", True))
 
-    def one_token_pass(_):
-        # No row has a draft (n-gram miss): score only the last token, as plain decoding would.
-        lg, h, c = forward(cfg, params, block[:, :1], positions[:, :1], s.cache)
-        return jnp.pad(lg, ((0, 0), (0, K), (0, 0))), jnp.pad(h, ((0, 0), (0, K), (0, 0))), c
+    def pass_of(size):
+        # Score only the first `size` block tokens (a row's last token and up to size-1 drafts): on
+        # hardware where a pass costs about its token count (CPU), short drafts get short passes.
+        def run(_):
+            lg, h, c = forward(cfg, params, block[:, :size], positions[:, :size], s.cache)
+            pad = ((0, 0), (0, K + 1 - size), (0, 0))
+            return jnp.pad(lg, pad), jnp.pad(h, pad), c  # [B, K+1, V], [B, K+1, D]
 
-    if getattr(proposer, "can_be_empty", True):
-        p_logits, hidden, cache = jax.lax.cond(jnp.any(n_draft > 0), verify_pass, one_token_pass, None)
+        return run
+
+    if len(sizes) == 1:
+        p_logits, hidden, cache = pass_of(sizes[0])(None)
     else:
-        p_logits, hidden, cache = verify_pass(None)
+        need = jnp.max(jnp.where(live, n_draft, 0)) + 1  # the longest live row's block
+        idx = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need)  # smallest size >= need
+        p_logits, hidden, cache = jax.lax.switch(idx, [pass_of(z) for z in sizes], None)
     n_acc, nxt = verifier(p_logits, prop.tokens, n_draft, prop.q_logits, sp, k_ver)
 
     # The row's new tokens: the accepted drafts, then the target's token.
@@ -163,7 +184,8 @@ def spec_step(cfg, params, proposer, pparams, s: SpecState, sp: SamplingParams, 
                      rng=rng, done=done, step=s.step + 1, stats=stats)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "proposer", "buffer_len", "eos_ids", "pad_id", "verifier"))
+@functools.partial(jax.jit, static_argnames=("cfg", "proposer", "buffer_len", "eos_ids", "pad_id", "verifier",
+                                             "verify_sizes"))
 def speculative_generate(
     cfg: ModelConfig,
     params: Params,
@@ -179,6 +201,7 @@ def speculative_generate(
     eos_ids: tuple[int, ...] = (1,),
     pad_id: int = 0,
     verifier: Callable = verify,
+    verify_sizes: tuple[int, ...] | None = None,
 ):
     """Jitted prefill + speculative while loop. Returns ``(tokens [B,
     buffer_len], n_gen [B], SpecStats)``; ``tokens`` past ``n_gen`` are
@@ -190,7 +213,7 @@ def speculative_generate(
         return (s.step < buffer_len) & ~jnp.all(s.done)
 
     def body(s: SpecState):
-        return spec_step(cfg, params, proposer, pparams, s, sp, max_new, eos_ids, verifier)
+        return spec_step(cfg, params, proposer, pparams, s, sp, max_new, eos_ids, verifier, verify_sizes)
 
     s = jax.lax.while_loop(cond, body, s)
     i = jnp.arange(buffer_len, dtype=jnp.int32)[None, :]
@@ -220,7 +243,8 @@ class SpeculativeGenerator:
     lists and returns the generated ids and per-row statistics."""
 
     def __init__(self, cfg: ModelConfig, params: Params, proposer, pparams: Any = None, tokenizer=None,
-                 eos_ids: Sequence[int] | None = None, pad_id: int | None = None, verifier: Callable = verify):
+                 eos_ids: Sequence[int] | None = None, pad_id: int | None = None, verifier: Callable = verify,
+                 verify_sizes: Sequence[int] | None = None):
         proposer.check(cfg)  # e.g. draft/target vocab mismatch
         self.cfg = cfg
         self.params = params
@@ -228,6 +252,8 @@ class SpeculativeGenerator:
         self.pparams = pparams
         self.tokenizer = tokenizer
         self.verifier = verifier
+        self.verify_sizes = verify_block_sizes(proposer.k, tuple(verify_sizes) if verify_sizes is not None else None,
+                                               getattr(proposer, "can_be_empty", True))
         if eos_ids is None:
             eos_ids = (tokenizer.eos_id,) if tokenizer is not None else (1,)
         self.eos_ids = tuple(int(e) for e in eos_ids)
@@ -267,7 +293,7 @@ class SpeculativeGenerator:
         toks, n, stats = speculative_generate(
             self.cfg, self.params, self.proposer, self.pparams, jnp.asarray(prompt), jnp.asarray(lens),
             jnp.asarray(budgets), sp, jax.random.PRNGKey(seed), buffer_len=N, eos_ids=self.eos_ids,
-            pad_id=self.pad_id, verifier=self.verifier,
+            pad_id=self.pad_id, verifier=self.verifier, verify_sizes=self.verify_sizes,
         )
         toks, n = np.asarray(toks), np.asarray(n)
         stats = jax.device_get(stats)
