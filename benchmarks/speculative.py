@@ -144,6 +144,8 @@ def bench_tokax(sets: dict, args) -> dict:
         for method in args.methods:
             c = spec_config.get_config(method)
             c.k, c.draft_layers, c.seed = args.k, args.draft_layers, 0
+            if method == "blockwise" and args.blockwise_heads:
+                c.blockwise_heads = args.blockwise_heads
             prop, pparams = build_proposer(c, cfg, params)
             gen = SpeculativeGenerator(cfg, params, prop, pparams, eos_ids=(), pad_id=0)
             gen.generate([ids[0]], N, pad_to=pad_to)  # compile
@@ -197,6 +199,7 @@ def main():
     ap.add_argument("--methods", default="prompt_lookup,anpd,draft,kangaroo,specdec_pp")
     ap.add_argument("--sets", default="code,rewrite,prose")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--blockwise-heads", default="", help=".npz of trained heads (experiments/train_gemma_heads.py)")
     args = ap.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     makers = {"code": code_prompts, "rewrite": rewrite_prompts, "prose": prose_prompts}

@@ -1,6 +1,7 @@
 """Train blockwise-parallel / Medusa heads on a frozen target (``tokax.train.heads``).
 
-    python experiments/train_gemma_heads.py --out /tmp/heads_tiny --config configs/blockwise.py
+    python -m tokax.run --config configs/blockwise.py --config.workdir=/tmp/heads_tiny
+    python experiments/train_gemma_heads.py --out /tmp/heads_tiny --config tiny
     python experiments/train_gemma_heads.py --out /tmp/heads_gemma --steps 600   # configs/blockwise.py:gemma
 
 Default: a random tiny target on byte-tokenized stdlib source, 3 heads, full
@@ -18,6 +19,7 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.job = "train_heads"
+    c.workdir = "/tmp/tokax_heads"  # heads.npz, log.jsonl, summary.json (python -m tokax.run --config ...)
     c.k = 3  # heads: head i predicts the token i+1 after the target's next one
     c.tokenizer = "bytes"  # 'bytes' | 'gemma3' (tokax.train.data.get_tokenizer)
     c.target = ml_collections.ConfigDict()
@@ -42,7 +44,7 @@ def get_config(arg=None):
     c.weight_decay = 0.0
     c.seed = 0
     c.log_every = 50
-    c.out = ""  # directory for heads.npz (tokax.decode.proposers.save_params)
+    c.hidden_cache = ""  # .npz path: save / reuse the target pass (hidden states, greedy tokens)
     if arg == "gemma":
         c.tokenizer = "gemma3"
         c.target.init = "gemma3"

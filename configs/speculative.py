@@ -7,12 +7,14 @@
 Methods: draft (a draft model; until a distilled one exists, the target's
 first ``draft_layers`` layers + final norm + LM head), prompt_lookup, anpd,
 kangaroo (first ``kangaroo_layers`` layers + adapter + LM head), specdec_pp
-(the draft model + an acceptance head). All are lossless.
+(the draft model + an acceptance head), lookahead (n-gram pool of the target's
+own guesses), blockwise (k heads on the target's hidden state; train them with
+experiments/train_gemma_heads.py). All are lossless.
 """
 
 import ml_collections
 
-METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp")
+METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise")
 
 
 def get_config(arg=None):
@@ -46,4 +48,11 @@ def get_config(arg=None):
     c.specdec_threshold = 0.7  # stop when predicted P(some rejection) exceeds this
     c.specdec_head = ""  # .npz of a trained head; "" = untrained head predicting specdec_prior everywhere
     c.specdec_prior = 0.8
+    # lookahead (training-free n-gram pool from the target's own Jacobi guesses)
+    c.lookahead_ngram = 3
+    c.lookahead_buckets = 1024
+    c.lookahead_slots = 4
+    # blockwise (Stern et al. 2018) / Medusa-style heads on the frozen target
+    c.blockwise_heads = ""  # .npz from experiments/train_gemma_heads.py; "" = untrained heads (copy next)
+    c.blockwise_sample_drafts = True
     return c

@@ -83,35 +83,15 @@ def load(out_dir: str | os.PathLike[str] | None = None):
     return cfg, params, vocab
 
 
-def main() -> None:
-    mod = _config_module()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=mod.DEFAULT_DIR, help="output folder (default %(default)s)")
-    ap.add_argument("--steps", type=int, default=0, help="override total_steps (0: the config's)")
-    args = ap.parse_args()
-    out = os.path.abspath(os.path.expanduser(args.out))
-    os.makedirs(out, exist_ok=True)
-
+def export(c, out: str, vocab_size: int, metrics: dict, seconds: float) -> None:
+    """Write ``out/params.npz`` and ``out/model.json`` from the latest checkpoint of the run `c`."""
     import jax
 
-    from tokax.model.config import ModelConfig
     from tokax.model.decoder import init_params
-    from tokax.train import data as data_lib
     from tokax.train import trainer
     from tokax.train.checkpoint import restore_params
 
-    c = mod.train_config(out)
-    if args.steps:
-        c.total_steps = args.steps
-    t0 = time.time()
-    tok = data_lib.get_tokenizer("spm", int(c.data.vocab_size), out)  # trains and caches the BPE once
-    tok_name = f"stdlib_bpe_{int(c.data.vocab_size)}.model"
-    print(f"[small] tokenizer {out}/{tok_name}: {tok.vocab_size} pieces ({time.time() - t0:.0f}s)", flush=True)
-    metrics = trainer.run(c)
-    print(f"[small] trained {c.total_steps} steps in {time.time() - t0:.0f}s: "
-          + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, float)), flush=True)
-
-    cfg = trainer._model_config(c.model, tok.vocab_size)
+    cfg = trainer._model_config(c.model, vocab_size)
     shapes = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), shapes)
@@ -119,18 +99,45 @@ def main() -> None:
     np.savez(os.path.join(out, "params.npz"), **_flatten(jax.device_get(params)))
     meta = {
         "model_config": dataclasses.asdict(cfg),
-        "tokenizer": tok_name,
+        "tokenizer": f"stdlib_bpe_{int(c.data.vocab_size)}.model",
         "step": ck_meta.get("step"),
         "train_split": "tokax.train.data.stdlib_files('train')",
         "heldout_split": "tokax.train.data.stdlib_files('eval')",
         "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         "python": sys.version.split()[0],
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(seconds, 1),
     }
     with open(os.path.join(out, "model.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    assert isinstance(cfg, ModelConfig)
-    print(f"[small] wrote {out}/params.npz and model.json", flush=True)
+    print(f"[small] wrote {out}/params.npz and model.json (step {meta['step']})", flush=True)
+
+
+def main() -> None:
+    mod = _config_module()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=mod.DEFAULT_DIR, help="output folder (default %(default)s)")
+    ap.add_argument("--steps", type=int, default=0, help="override total_steps (0: the config's)")
+    ap.add_argument("--export-only", action="store_true", help="only write params.npz from the latest checkpoint")
+    args = ap.parse_args()
+    out = os.path.abspath(os.path.expanduser(args.out))
+    os.makedirs(out, exist_ok=True)
+
+    from tokax.train import data as data_lib
+    from tokax.train import trainer
+
+    c = mod.train_config(out)
+    if args.steps:
+        c.total_steps = args.steps
+    t0 = time.time()
+    tok = data_lib.get_tokenizer("spm", int(c.data.vocab_size), out)  # trains and caches the BPE once
+    print(f"[small] tokenizer {out}/stdlib_bpe_{int(c.data.vocab_size)}.model: {tok.vocab_size} pieces "
+          f"({time.time() - t0:.0f}s)", flush=True)
+    metrics: dict = {}
+    if not args.export_only:
+        metrics = trainer.run(c)
+        print(f"[small] trained {c.total_steps} steps in {time.time() - t0:.0f}s: "
+              + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, float)), flush=True)
+    export(c, out, tok.vocab_size, metrics, time.time() - t0)
 
 
 if __name__ == "__main__":

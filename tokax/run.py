@@ -79,6 +79,11 @@ def run_generate(c, demo: bool = False) -> list[dict]:
             f"(batch {c.batch_size}, {c.dtype}, {'compile excluded' if demo else 'first batch includes compile'})",
             file=sys.stderr,
         )
+    methods = tuple(c.get("compare_methods", ()) or ()) if demo else ()
+    if methods:
+        from tokax.jobs.speculative import compare_methods
+
+        compare_methods(c, methods, cfg, params, tok, prompts, pad_to, rows, t_gen, quiet=quiet)
     return rows
 
 
@@ -102,6 +107,8 @@ def _lazy(module: str, fn: str = "run"):
 JOBS["train"] = _lazy("tokax.train.trainer")
 JOBS["speculative"] = _lazy("tokax.jobs.speculative")
 JOBS["byte_sample"] = _lazy("tokax.jobs.byte_sample")
+JOBS["tree"] = _lazy("tokax.jobs.tree")
+JOBS["train_heads"] = _lazy("tokax.jobs.train_heads")
 
 
 def main(argv):

@@ -36,7 +36,7 @@ from tokax.decode.generate import Generator, bucket, pad_prompts
 from tokax.decode.proposers import Context
 from tokax.decode.sampling import SamplingParams
 from tokax.decode.speculative import buffer_sizes
-from tokax.decode.tree import TreeVerifier, block_mask, block_positions, compact_to_path
+from tokax.decode.tree import block_mask, block_positions, compact_to_path
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params, forward

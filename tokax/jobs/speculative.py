@@ -11,7 +11,7 @@ import time
 
 from tokax.jobs import check, load_prompts
 
-METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp")
+METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise")
 
 
 def validate(c) -> None:
@@ -47,6 +47,14 @@ def build_proposer(c, cfg, params):
         return P.PromptLookupProposer(k=c.k, max_ngram=c.max_ngram, min_ngram=c.min_ngram), None
     if c.method == "anpd":
         return P.ANPDProposer(k=c.k, max_ngram=c.max_ngram, min_ngram=c.min_ngram, init_ngram=c.init_ngram), None
+    if c.method == "lookahead":
+        return P.LookaheadProposer(k=c.k, ngram=c.lookahead_ngram, pool_buckets=c.lookahead_buckets,
+                                   pool_slots=c.lookahead_slots), None
+    if c.method == "blockwise":
+        from tokax.decode.proposers import blockwise
+
+        heads = P.load_params(c.blockwise_heads) if c.blockwise_heads else blockwise.init_heads(cfg.d_model, c.k)
+        return P.BlockwiseProposer(k=c.k, sample_drafts=c.blockwise_sample_drafts), heads
     if c.method == "kangaroo":
         check(1 <= c.kangaroo_layers < cfg.n_layers, "kangaroo_layers", c.kangaroo_layers,
               f"must be in [1, {cfg.n_layers - 1}]")
@@ -70,22 +78,34 @@ def build_proposer(c, cfg, params):
 
 def run(c) -> list[dict]:
     """Speculative decoding of every prompt in ``c.prompts_file``."""
+    from tokax.decode.speculative import SpeculativeGenerator
+
+    validate(c)
+
+    def make_generator(cfg, params, tok):
+        proposer, pparams = build_proposer(c, cfg, params)
+        return SpeculativeGenerator(cfg, params, proposer, pparams, tok)
+
+    return decode_prompts(c, make_generator)
+
+
+def decode_prompts(c, make_generator) -> list[dict]:
+    """The shared body of the speculative and tree jobs: load Gemma, build the generator
+    with ``make_generator(cfg, params, tokenizer)``, decode ``c.prompts_file`` in batches,
+    print text (or JSON lines with ``stats``) and a summary."""
     from tqdm.auto import tqdm
 
     from tokax.decode.sampling import SamplingParams
-    from tokax.decode.speculative import SpeculativeGenerator
     from tokax.model.loaders.gguf import load_gemma3
     from tokax.tokenize import load_gemma3_tokenizer
 
-    validate(c)
     prompts = load_prompts(c.prompts_file)
     sp = SamplingParams.make(c.temperature, c.top_k, c.top_p, c.min_p)
     quiet = c.json
     t0 = time.perf_counter()
     cfg, params = load_gemma3(c.dtype, progress=not quiet)
     tok = load_gemma3_tokenizer()
-    proposer, pparams = build_proposer(c, cfg, params)
-    gen = SpeculativeGenerator(cfg, params, proposer, pparams, tok)
+    gen = make_generator(cfg, params, tok)
     if not quiet:
         print(f"loaded {cfg.name} ({c.dtype}) in {time.perf_counter() - t0:.1f}s; method {c.method}", file=sys.stderr)
     rows, t_gen, n_tok, passes, accepted = [], 0.0, 0, 0, 0
@@ -111,3 +131,50 @@ def run(c) -> list[dict]:
             file=sys.stderr,
         )
     return rows
+
+
+def compare_methods(c, methods, cfg, params, tok, prompts, pad_to, plain_rows, t_plain, quiet=False) -> list[dict]:
+    """``make demo``'s table: each speculative ``method`` (greedy, batch 1, compile excluded) on
+    the prompts plain decoding just ran, against its time and output (``plain_rows``)."""
+    import importlib.util
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from tokax.decode.sampling import SamplingParams
+    from tokax.decode.speculative import SpeculativeGenerator
+
+    if c.temperature != 0:
+        print("compare_methods: skipped (the comparison is greedy; set temperature=0)", file=sys.stderr)
+        return []
+    path = Path(__file__).resolve().parents[2] / "configs" / "speculative.py"  # the method presets
+    spec = importlib.util.spec_from_file_location("_tokax_speculative_config", path)
+    spec_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spec_config)
+    sp = SamplingParams.make(0.0)
+    n_plain = sum(len(r["token_ids"]) for r in plain_rows)
+    table = [{"method": "plain", "tok_s": n_plain / max(t_plain, 1e-9), "speedup": 1.0, "tokens_per_pass": 1.0,
+              "identical": f"{len(plain_rows)}/{len(plain_rows)}"}]
+    for m in methods:
+        mc = spec_config.get_config(m)
+        mc.k = int(c.get("k", mc.k))
+        check(m in METHODS, "compare_methods", m, f"use names from {', '.join(METHODS)}")
+        prop, pparams = build_proposer(mc, cfg, params)
+        gen = SpeculativeGenerator(cfg, params, prop, pparams, tok)
+        gen.generate([prompts[0]], c.max_new_tokens, sp, pad_to=pad_to)  # compile outside the timing
+        dt, n, passes, same = 0.0, 0, 0, 0
+        for p, ref in zip(tqdm(prompts, desc=m, unit="prompt", disable=quiet), plain_rows):
+            t = time.perf_counter()
+            (ids,), (st,) = gen.generate([p], c.max_new_tokens, sp, pad_to=pad_to)
+            dt += time.perf_counter() - t
+            n += len(ids)
+            passes += st["target_passes"]
+            same += ids == ref["token_ids"]
+        table.append({"method": m, "tok_s": n / max(dt, 1e-9), "speedup": t_plain / max(dt, 1e-9) * n / max(n_plain, 1),
+                      "tokens_per_pass": n / max(passes, 1), "identical": f"{same}/{len(prompts)}"})
+    out = sys.stdout if not quiet else sys.stderr
+    print(f"\n{'method':<14} {'tok/s':>7} {'speedup':>8} {'tok/pass':>9} {'= plain':>8}", file=out)
+    for r in table:
+        print(f"{r['method']:<14} {r['tok_s']:>7.1f} {r['speedup']:>8.2f} {r['tokens_per_pass']:>9.2f} "
+              f"{r['identical']:>8}", file=out)
+    return table

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -119,7 +120,8 @@ def head_accuracy(head_fn: HeadFn, hparams: Params, hidden: jax.Array, embed: ja
 
     num = den = 0
     for s in range(0, hidden.shape[0], rows):
-        a, b = hits(jnp.asarray(hidden[s : s + rows]), jnp.asarray(labels[s : s + rows]), jnp.asarray(valid[s : s + rows]))
+        sl = slice(s, s + rows)
+        a, b = hits(jnp.asarray(hidden[sl]), jnp.asarray(labels[sl]), jnp.asarray(valid[sl]))
         num, den = num + np.asarray(a), den + np.asarray(b)
     return num / np.maximum(den, 1)
 
@@ -149,18 +151,23 @@ def target_hidden(cfg: ModelConfig, tparams: Params, tokens: np.ndarray, rows: i
 
 
 def restrict_vocab(labels: np.ndarray, size: int, negatives: np.ndarray, vocab: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate vocabulary for a sampled softmax: the batch's label ids, then
-    ids from ``negatives`` (frequent tokens), then random ids, ``size`` in
-    all, sorted; returns ``(cand [size], labels as indices into cand)``."""
+                   rng: np.random.Generator, random_frac: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate vocabulary for a sampled softmax, ``size`` ids, sorted: the
+    batch's label ids, then fresh uniform random ids (``random_frac`` of the
+    rest: over many steps every id is pushed down now and then, so the
+    full-vocabulary argmax does not drift to tokens never seen as
+    negatives), then ids from ``negatives`` (frequent tokens: the hard
+    competitors). Returns ``(cand [size], labels as indices into cand)``."""
     need = np.unique(labels)
     if need.size > size:
         raise ValueError(f"heads.cand_size={size} is smaller than the batch's {need.size} distinct labels; raise it")
-    extra = np.setdiff1d(negatives, need)[: size - need.size]
-    cand = np.union1d(need, extra)
+    n_rand = int(random_frac * (size - need.size))
+    rand = np.setdiff1d(rng.choice(vocab, size=min(vocab, 2 * n_rand + 8), replace=False), need)[:n_rand]
+    cand = np.union1d(need, rand)
+    cand = np.union1d(cand, np.setdiff1d(negatives, cand, assume_unique=False)[: size - cand.size])
     if cand.size < size:
-        rest = np.setdiff1d(rng.choice(vocab, size=2 * size, replace=False), cand)[: size - cand.size]
-        cand = np.union1d(cand, rest)
+        pool = np.setdiff1d(np.arange(vocab), cand)
+        cand = np.union1d(cand, rng.choice(pool, size=size - cand.size, replace=False))
     return cand.astype(np.int32), np.searchsorted(cand, labels).astype(np.int32)
 
 
@@ -276,8 +283,21 @@ def run(c, head_fn: HeadFn, init_fn: Callable[[int, int, jax.Array], Params], lo
     eval_tok = token_rows(tok, corpus_pieces("eval", max_files=c.max_files or None), c.eval_rows, T)
     say(event="data", train_rows=int(train_tok.shape[0]), eval_rows=int(eval_tok.shape[0]), seq_len=T)
     prog = lambda i, n: say(event="target_pass", rows=i, of=n) if i % (8 * c.target_batch) == 0 or i == n else None
-    h_tr, g_tr = target_hidden(cfg, tparams, train_tok, c.target_batch, prog)
-    h_ev, g_ev = target_hidden(cfg, tparams, eval_tok, c.target_batch, prog)
+    cache = c.get("hidden_cache", "")
+    passes = None
+    if cache and os.path.exists(cache):
+        # Same corpus rows, same target: reuse the target pass (the slow part on CPU).
+        with np.load(cache) as z:
+            if z["train_tok"].shape == train_tok.shape and (z["train_tok"] == train_tok).all():
+                passes = z["h_tr"], z["g_tr"], z["h_ev"], z["g_ev"]
+                say(event="hidden_cache", path=cache)
+    if passes is None:
+        passes = (*target_hidden(cfg, tparams, train_tok, c.target_batch, prog),
+                  *target_hidden(cfg, tparams, eval_tok, c.target_batch, prog))
+        if cache:
+            with open(cache, "wb") as f:
+                np.savez(f, train_tok=train_tok, h_tr=passes[0], g_tr=passes[1], h_ev=passes[2], g_ev=passes[3])
+    h_tr, g_tr, h_ev, g_ev = passes
 
     def labels_of(tokens, greedy):
         return shift_ahead(greedy, k, 0) if c.labels == "greedy" else shift_ahead(tokens, k, 1)

@@ -190,7 +190,8 @@ def _reference(spec: StepSpec, trainable: Params, frozen: Mapping[str, Any]) -> 
 
 
 def _hidden(cfg: ModelConfig, params: Params, tokens, positions, segment_ids=None, mesh=None, rules=()):
-    _, hidden, _ = forward(cfg, params, tokens, positions, return_logits=False, segment_ids=segment_ids)
+    with shd.mesh_context(mesh):  # attention_impl='ring' finds the mesh's `sequence` axis here
+        _, hidden, _ = forward(cfg, params, tokens, positions, return_logits=False, segment_ids=segment_ids)
     return shd.constrain(hidden, ("batch", "length", "act_embed"), mesh, rules)  # [B, T, D]
 
 

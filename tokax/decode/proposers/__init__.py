@@ -95,16 +95,20 @@ def load_params(path: str) -> dict:
     return out
 
 
+from tokax.decode.proposers.blockwise import BlockwiseProposer  # noqa: E402
 from tokax.decode.proposers.draft_model import DraftModelProposer  # noqa: E402
 from tokax.decode.proposers.kangaroo import KangarooProposer  # noqa: E402
+from tokax.decode.proposers.lookahead import LookaheadProposer  # noqa: E402
 from tokax.decode.proposers.ngram import ANPDProposer, PromptLookupProposer  # noqa: E402
 from tokax.decode.proposers.specdec_pp import SpecDecPPProposer  # noqa: E402
 
 __all__ = [
     "ANPDProposer",
+    "BlockwiseProposer",
     "Context",
     "DraftModelProposer",
     "KangarooProposer",
+    "LookaheadProposer",
     "PromptLookupProposer",
     "Proposal",
     "Proposer",

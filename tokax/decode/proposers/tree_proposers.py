@@ -257,7 +257,10 @@ class DySpecProposer(_DraftBase):
     """Dynamic tree (DySpec): best-first growth by draft path probability.
 
     A candidate is (node s, its next child by rank r) with score
-    ``P(path to s) * q_s(r-th child)``; ``rounds`` times, the best
+    ``P(path to s) * q_s(r-th child)`` (greedy; when sampling, the expected
+    ``q`` of the r-th draw given the earlier siblings, so that a child's
+    presence never depends on its own value, which keeps recursive rejection
+    exact); ``rounds`` times, the best
     ``n_nodes / rounds`` candidates become nodes (a node's children only
     become candidates after the draft pass that computes its ``q``), so the
     tree takes the shape the draft's confidence gives it: deep where it is
@@ -290,10 +293,17 @@ class DySpecProposer(_DraftBase):
         root_logits, st = draft_catch_up(cfg, pparams, st, ctx, self.max_depth + 1)
         keys = jax.random.split(rng, self.rounds)
 
+        greedy = is_greedy(sp)
+
         def rank_slots(logits, key):  # [B, M, V] -> per-slot ranked children
             toks, qn, ok, q = ranked_children(logits, sp, key, Kc)
             qx = jnp.take_along_axis(q, toks, axis=-1)  # [B, M, Kc]
-            score = jax.lax.cummin(jnp.where(ok, qx, 0.0), axis=qx.ndim - 1)
+            # Sampling: whether the r-th child joins the tree must not depend on
+            # its own value (that would bias it away from q_r), so its score is
+            # the expected q of a draw from q_r, a function of earlier siblings.
+            expected = jnp.einsum("bmrv,bmv->bmr", qn, q)
+            score = jnp.where(greedy, qx, expected)
+            score = jax.lax.cummin(jnp.where(ok, score, 0.0), axis=qx.ndim - 1)
             score = score * (1.0 - 1e-6) ** jnp.arange(Kc, dtype=jnp.float32)  # strict order by rank
             return toks, qn, jnp.where(ok, score, 0.0)
 
@@ -360,7 +370,8 @@ class TokenRecyclingProposer:
     def __post_init__(self):
         check_template(self.parents)
         if max(template_ranks(self.parents)) >= self.k:
-            raise ValueError(f"the template needs rank {max(template_ranks(self.parents))} but the table has k={self.k}")
+            need = max(template_ranks(self.parents)) + 1
+            raise ValueError(f"the template needs {need} candidates per token but the table has k={self.k}")
 
     @property
     def n_nodes(self) -> int:
@@ -468,6 +479,33 @@ class SpecTrProposer(_DraftBase):
         return Tree(tokens=tokens, parents=parents, valid=valid, q_probs=q_probs), st
 
 
-def draft_init_params(pparams: Any) -> Any:  # pragma: no cover - documentation helper
-    """Draft params are passed as ``pparams`` (e.g. ``truncated_draft(cfg, params, n)[1]``)."""
-    return pparams
+
+# ----------------------------------------------------------------------------
+# Factory (what a job calls with a config's fields).
+
+TREE_METHODS = ("draft_tree", "dyspec", "token_recycling", "spectr")
+
+
+def make_tree_proposer(method: str, target_cfg: ModelConfig, target_params: Any, *, draft_layers: int = 4,
+                       branching: tuple[int, ...] = (3, 2, 1), n_nodes: int = 12, rounds: int = 4,
+                       max_children: int = 4, table_k: int = 4, spectr_k: int = 3,
+                       spectr_length: int = 4) -> tuple[Any, Any]:
+    """(proposer, its params) for ``method`` on a target. Draft-model methods
+    use the target's first ``draft_layers`` layers + final norm + LM head
+    (``truncated_draft``) until a distilled draft exists."""
+    from tokax.decode.proposers.draft_model import truncated_draft
+
+    if method not in TREE_METHODS:
+        raise ValueError(f"method={method!r}: use one of {', '.join(TREE_METHODS)}")
+    branching = tuple(int(b) for b in branching)
+    if method == "token_recycling":
+        return TokenRecyclingProposer(target_cfg.vocab_size, k=table_k,
+                                      parents=template_from_branching(branching)), None
+    if not 1 <= draft_layers < target_cfg.n_layers:
+        raise ValueError(f"draft_layers={draft_layers} must be in [1, {target_cfg.n_layers - 1}]")
+    dcfg, dparams = truncated_draft(target_cfg, target_params, draft_layers)
+    if method == "draft_tree":
+        return DraftTreeProposer.from_branching(dcfg, branching), dparams
+    if method == "dyspec":
+        return DySpecProposer(dcfg, n_nodes=n_nodes, rounds=rounds, max_children=max_children), dparams
+    return SpecTrProposer(dcfg, k=spectr_k, length=spectr_length), dparams

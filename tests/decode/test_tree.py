@@ -1,0 +1,263 @@
+"""Token trees on random tiny models: the tree pass equals scoring every
+root-to-node path alone with a plain causal forward; compaction to a path
+leaves the cache a plain prefill would; every tree method's greedy output is
+plain greedy decoding token for token (ragged batch, ragged acceptance); and
+sampled output follows the target's exact distribution (chi-square over the
+first three tokens, the distribution enumerated with the model)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.decode.test_speculative import (
+    N_SAMPLED,
+    SAMPLE_PROMPT,
+    SAMPLING,
+    exact_target_distribution,
+    model_params,
+    ragged_prompts,
+)
+from tests.decode.test_verify import chi2_pvalue
+from tokax.decode.generate import Generator
+from tokax.decode.proposers import tree_proposers as TP
+from tokax.decode.tree import Tree, TreeVerifier, block_mask, block_positions, compact_to_path, tree_depth
+from tokax.decode.tree_speculative import TreeSpeculativeGenerator
+from tokax.model import config as mc
+from tokax.model import kv_cache as kvc
+from tokax.model.decoder import forward, forward_jit
+
+V = 8
+B = 2048  # greedy and sampling calls share one compiled program per method
+METHODS = ["draft_tree", "dyspec", "token_recycling", "spectr"]
+
+
+@pytest.fixture(scope="module")
+def target():
+    cfg = mc.tiny(vocab_size=V)
+    return cfg, model_params(cfg, seed=21)
+
+
+@pytest.fixture(scope="module")
+def draft():
+    dcfg = mc.tiny(vocab_size=V, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, ffn_dim=32)
+    return dcfg, model_params(dcfg, seed=5)
+
+
+@pytest.fixture(scope="module")
+def generators(target, draft):
+    cfg, params = target
+    dcfg, dparams = draft
+    made = {
+        "draft_tree": (TP.DraftTreeProposer.from_branching(dcfg, (3, 2, 1)), dparams),
+        "dyspec": (TP.DySpecProposer(dcfg, n_nodes=8, rounds=3, max_children=3), dparams),
+        "token_recycling": (TP.TokenRecyclingProposer(V, k=3, parents=TP.template_from_branching((3, 2, 1))), None),
+        "spectr": (TP.SpecTrProposer(dcfg, k=3, length=3), dparams),
+    }
+    return {m: TreeSpeculativeGenerator(cfg, params, prop, pp, eos_ids=()) for m, (prop, pp) in made.items()}
+
+
+# ----------------------------------------------------------------------------
+# The tree pass and compaction against plain causal forwards.
+
+
+def random_trees(rs, rows, N, vocab):
+    """Random topological trees (parent of node i uniform over [-1, i)), some
+    nodes invalid (with their descendants)."""
+    parents = np.array([[rs.randint(-1, i) for i in range(N)] for _ in range(rows)], np.int32)
+    tokens = rs.randint(0, vocab, size=(rows, N)).astype(np.int32)
+    valid = rs.rand(rows, N) < 0.85
+    for b in range(rows):
+        for i in range(N):
+            if parents[b, i] >= 0 and not valid[b, parents[b, i]]:
+                valid[b, i] = False
+    return parents, tokens, valid
+
+
+def path_to(parents, i):
+    out = []
+    while i >= 0:
+        out.append(i)
+        i = parents[i]
+    return out[::-1]
+
+
+def reference_last_logits(cfg, params, seqs):
+    """Logits after the last token of each sequence, from one cache-free causal forward."""
+    L = max(len(x) for x in seqs)
+    arr = np.array([x + [0] * (L - len(x)) for x in seqs], np.int32)
+    logits, _, _ = forward_jit(cfg, params, jnp.asarray(arr), jnp.broadcast_to(jnp.arange(L), arr.shape))
+    return [np.asarray(logits[i, len(x) - 1]) for i, x in enumerate(seqs)]
+
+
+def test_tree_pass_equals_per_path_forward():
+    """Each valid node's logits in the one-pass tree equal the last logits of
+    a cache-free causal forward over prompt + its root path (prompts longer
+    than the sliding window, ragged lengths, one row not live)."""
+    cfg = mc.tiny(vocab_size=32)
+    params = model_params(cfg, seed=2)
+    rs = np.random.RandomState(0)
+    rows, P, N = 3, 14, 12
+    lens = np.array([14, 9, 11], np.int32)
+    prompt = rs.randint(0, 32, size=(rows, P)).astype(np.int32)
+    parents, tokens, valid = random_trees(rs, rows, N, 32)
+    live = np.array([True, True, False])
+    cache = kvc.init_cache(cfg, rows, 40)
+    ar = np.arange(P)[None]
+    _, _, cache = forward_jit(cfg, params, jnp.asarray(prompt), jnp.asarray(np.where(ar < lens[:, None] - 1, ar, -1)),
+                              cache, return_logits=False)
+    tree = Tree(tokens=jnp.asarray(tokens), parents=jnp.asarray(parents), valid=jnp.asarray(valid))
+    last = prompt[np.arange(rows), lens - 1][:, None]
+    block = jnp.concatenate([jnp.asarray(last), tree.tokens], 1)
+    pos = block_positions(tree, jnp.asarray(lens - 1), jnp.asarray(live))
+    mask = block_mask(tree.parents)
+    logits, _, cache2 = jax.jit(lambda c: forward(cfg, params, block, pos, c, block_mask=mask))(cache)
+    depth = np.asarray(tree_depth(tree.parents))
+    # Reference: every root path scored alone, all in one cache-free causal
+    # forward (right padding cannot change earlier positions).
+    seqs, where = [], []
+    for b in range(2):  # live rows
+        ctx = prompt[b, : lens[b]].tolist()
+        seqs.append(ctx)
+        where.append((b, 0))
+        for i in range(N):
+            if valid[b, i]:
+                pth = path_to(parents[b], i)
+                assert len(pth) == depth[b, i]
+                seqs.append(ctx + [int(tokens[b, j]) for j in pth])
+                where.append((b, 1 + i))
+    ref = reference_last_logits(cfg, params, seqs)
+    for (b, t), r in zip(where, ref):
+        np.testing.assert_allclose(np.asarray(logits[b, t]), r, atol=2e-4, rtol=2e-4)
+    checked = len(seqs) - 2
+    assert checked >= 12 and depth[:2][valid[:2]].max() >= 3
+
+    # Compaction to the deepest valid path of each live row, then one more
+    # token: equals the causal forward of prompt + path + token.
+    paths = []
+    for b in range(rows):
+        ok = [i for i in range(N) if valid[b, i]]
+        deepest = max(ok, key=lambda i: depth[b, i]) if ok else -1
+        paths.append(path_to(parents[b], deepest) if deepest >= 0 else [])
+    D = max(len(p) for p in paths)
+    path = np.full((rows, D), -1, np.int32)
+    for b, p in enumerate(paths):
+        path[b, : len(p)] = p
+    n_acc = np.array([len(p) for p in paths], np.int32)
+    n_acc[~live] = 0
+    compacted = compact_to_path(cache2, cache.length, jnp.asarray(path), jnp.asarray(n_acc), jnp.asarray(live))
+    assert (np.asarray(compacted.length) == np.asarray(cache.length) + np.where(live, 1 + n_acc, 0)).all()
+    nxt = rs.randint(0, 32, size=(rows, 1)).astype(np.int32)
+    npos = np.where(live, lens + n_acc, -1)[:, None]
+    lg, _, _ = jax.jit(lambda c: forward(cfg, params, jnp.asarray(nxt), jnp.asarray(npos), c))(compacted)
+    seqs = [prompt[b, : lens[b]].tolist() + [int(tokens[b, j]) for j in paths[b]] + [int(nxt[b, 0])] for b in range(2)]
+    ref = reference_last_logits(cfg, params, seqs)
+    for b in range(2):
+        np.testing.assert_allclose(np.asarray(lg[b, 0]), ref[b], atol=2e-4, rtol=2e-4)
+
+
+def test_block_mask_brute_force():
+    rs = np.random.RandomState(1)
+    parents, _, _ = random_trees(rs, 4, 9, 5)
+    m = np.asarray(block_mask(jnp.asarray(parents)))
+    for b in range(4):
+        assert m[b, 0].tolist() == [True] + [False] * 9
+        for i in range(9):
+            anc = set(path_to(parents[b], i))
+            assert m[b, 1 + i].tolist() == [True] + [j in anc for j in range(9)]
+
+
+def test_templates():
+    par = TP.template_from_branching((3, 2, 1))
+    assert len(par) == 3 + 6 + 6
+    assert TP.template_depths(par) == (1,) * 3 + (2,) * 6 + (3,) * 6
+    assert TP.template_ranks(par)[:9] == (0, 1, 2, 0, 1, 0, 1, 0, 1)
+    with pytest.raises(ValueError, match="parents"):
+        TP.DraftTreeProposer(mc.tiny(vocab_size=V), parents=(-1, 2, 0))
+
+
+# ----------------------------------------------------------------------------
+# Lossless decoding, end to end.
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(target):
+    cfg, params = target
+    base, budgets = ragged_prompts()
+    return Generator(cfg, params, eos_ids=()).generate(base, budgets)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_equals_plain_greedy(generators, plain_greedy, method):
+    base, budgets = ragged_prompts()
+    reps = B // len(base)
+    outs, st = generators[method].generate(base * reps, budgets * reps)
+    for i, row in enumerate(outs):
+        assert row == plain_greedy[i % len(base)], (method, i)
+    st = st[: len(base)]
+    proposed, accepted, passes = (np.array([s[k] for s in st]) for k in ("proposed", "accepted", "target_passes"))
+    hist = np.array([s["accepted_hist"] for s in st])
+    D = generators[method].proposer.max_depth
+    assert (accepted <= proposed).all() and (hist.sum(1) == passes).all()
+    # Each pass emits n_acc + 1 tokens, the last one possibly cut at the budget.
+    assert ((accepted + passes >= budgets) & (accepted + passes - budgets <= D)).all()
+    assert accepted.sum() > 0 and len(set(accepted.tolist())) > 1  # rows advance by different amounts
+    assert hist[:, 2:].sum() > 0  # paths deeper than one node were accepted
+
+
+def sampled_codes(gen, seeds):
+    codes, st_all = [], []
+    for seed in seeds:
+        outs, st = gen.generate([SAMPLE_PROMPT] * B, N_SAMPLED, SAMPLING, seed=seed)
+        arr = np.array(outs)
+        assert arr.shape == (B, N_SAMPLED)
+        codes.append(np.ravel_multi_index(arr.T, (V,) * N_SAMPLED))
+        st_all += st
+    return np.concatenate(codes), st_all
+
+
+@pytest.fixture(scope="module")
+def exact(target):
+    cfg, params = target
+    p = exact_target_distribution(cfg, params, SAMPLE_PROMPT, N_SAMPLED, SAMPLING)
+    assert abs(p.sum() - 1) < 1e-5
+    return p
+
+
+@pytest.mark.parametrize("method", ["draft_tree", "dyspec", "spectr"])
+def test_sampling_matches_target_distribution(generators, exact, method):
+    codes, st = sampled_codes(generators[method], seeds=range(3))
+    accepted = sum(s["accepted"] for s in st)
+    passes = sum(s["target_passes"] for s in st)
+    assert 0 < accepted < passes * generators[method].proposer.max_depth  # accept and reject paths both taken
+    assert chi2_pvalue(codes, exact) > 0.01
+
+
+@pytest.mark.slow  # a second compile; tests/decode/test_tree_verify.py has the fast negative controls
+def test_wrong_tree_rule_fails(target, generators, exact):
+    """Negative control: not updating the residual between siblings."""
+    cfg, params = target
+    good = generators["draft_tree"]
+    wrong = TreeSpeculativeGenerator(cfg, params, good.proposer, good.pparams, eos_ids=(),
+                                     verifier=TreeVerifier(update_residual=False))
+    codes, _ = sampled_codes(wrong, seeds=range(3))
+    assert chi2_pvalue(codes, exact) < 1e-3
+
+
+def test_stop_token_ends_rows_like_plain(target, plain_greedy):
+    cfg, params = target
+    base, budgets = ragged_prompts()
+    eos = next(t for t in range(V) if any(t in r[1:-1] and t != r[0] for r in plain_greedy))
+    ref = [row[: row.index(eos) + 1] if eos in row else row for row in plain_greedy]
+    assert any(1 < len(r) < b for r, b in zip(ref, budgets))
+    prop = TP.TokenRecyclingProposer(V, k=2, parents=TP.template_from_branching((2, 2)))
+    outs, _ = TreeSpeculativeGenerator(cfg, params, prop, None, eos_ids=(eos,)).generate(base, budgets)
+    assert outs == ref
+
+
+def test_vocab_mismatch_is_an_error(target):
+    cfg, params = target
+    with pytest.raises(ValueError, match=r"vocab_size=9 differs from the target's vocab_size=8"):
+        TreeSpeculativeGenerator(cfg, params, TP.SpecTrProposer(mc.tiny(vocab_size=V + 1, n_layers=1)), None)
+    with pytest.raises(ValueError, match=r"vocab_size=9 differs"):
+        TreeSpeculativeGenerator(cfg, params, TP.TokenRecyclingProposer(V + 1), None)

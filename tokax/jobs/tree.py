@@ -1,0 +1,45 @@
+"""Job: token-tree speculative decoding of a prompts file with Gemma 3 270M as the
+target (``configs/tree.py``, methods draft_tree, dyspec, token_recycling, spectr);
+output as the speculative job (text, or JSON lines with ``stats``)."""
+
+from __future__ import annotations
+
+from tokax.jobs import check
+from tokax.jobs.speculative import decode_prompts
+
+METHODS = ("draft_tree", "dyspec", "token_recycling", "spectr")
+
+
+def validate(c) -> None:
+    check(c.model == "gemma3-270m", "model", c.model, "only 'gemma3-270m' is available")
+    check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "use float32 or bfloat16")
+    check(c.max_new_tokens >= 1, "max_new_tokens", c.max_new_tokens, "must be >= 1")
+    check(c.temperature >= 0, "temperature", c.temperature, "must be >= 0 (0 means greedy)")
+    check(c.top_k >= 0, "top_k", c.top_k, "must be >= 0 (0 disables)")
+    check(0 < c.top_p <= 1, "top_p", c.top_p, "must be in (0, 1] (1 disables)")
+    check(0 <= c.min_p <= 1, "min_p", c.min_p, "must be in [0, 1] (0 disables)")
+    check(c.batch_size >= 1, "batch_size", c.batch_size, "must be >= 1")
+    check(c.method in METHODS, "method", c.method, f"use one of {', '.join(METHODS)}")
+    check(len(c.branching) >= 1 and all(b >= 1 for b in c.branching), "branching", c.branching,
+          "needs >= 1 children per depth")
+    check(c.table_k >= max(c.branching), "table_k", c.table_k, f"must be >= max(branching)={max(c.branching)}")
+    check(c.n_nodes >= 1 and c.rounds >= 1 and c.max_children >= 1, "n_nodes", c.n_nodes,
+          "n_nodes, rounds and max_children must be >= 1")
+    check(c.spectr_k >= 1 and c.spectr_length >= 1, "spectr_k", c.spectr_k, "spectr_k and spectr_length must be >= 1")
+
+
+def run(c) -> list[dict]:
+    """Tree speculative decoding of every prompt in ``c.prompts_file``."""
+    from tokax.decode.proposers.tree_proposers import make_tree_proposer
+    from tokax.decode.tree_speculative import TreeSpeculativeGenerator
+
+    validate(c)
+
+    def make_generator(cfg, params, tok):
+        prop, pparams = make_tree_proposer(
+            c.method, cfg, params, draft_layers=c.draft_layers, branching=tuple(c.branching), n_nodes=c.n_nodes,
+            rounds=c.rounds, max_children=c.max_children, table_k=c.table_k, spectr_k=c.spectr_k,
+            spectr_length=c.spectr_length)
+        return TreeSpeculativeGenerator(cfg, params, prop, pparams, tok)
+
+    return decode_prompts(c, make_generator)
