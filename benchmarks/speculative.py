@@ -189,6 +189,38 @@ def bench_hf(sets: dict, args) -> dict:
     return res
 
 
+def plot(tk: dict, hf: dict, methods: list, path: str, title: str) -> None:
+    """Grouped bars: wall-clock speedup over each tool's own plain greedy, per prompt set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sets = list(tk)
+    bars = [(m, [tk[s][m]["speedup"] for s in sets]) for m in methods]
+    if hf:
+        bars.append(("HF prompt lookup", [hf[s]["prompt_lookup_speedup"] if s in hf else np.nan for s in sets]))
+    w = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (name, ys) in enumerate(bars):
+        xs = np.arange(len(sets)) + (i - (len(bars) - 1) / 2) * w
+        ax.bar(xs, ys, w, label=name)
+        for x, y in zip(xs, ys):
+            ax.text(x, y + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(2.0, color="tab:red", lw=0.8, ls="--", label="target 2x (code, rewrite)")
+    top = np.nanmax([y for _, ys in bars for y in ys] + [2.0])
+    ax.set_ylim(0, top + 0.6)  # room for the legend above the bars
+    ax.set_xticks(np.arange(len(sets)), sets)
+    ax.set_ylabel("speedup over own plain greedy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    log(f"wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true")
@@ -199,6 +231,8 @@ def main():
     ap.add_argument("--methods", default="prompt_lookup,anpd,draft,kangaroo,specdec_pp")
     ap.add_argument("--sets", default="code,rewrite,prose")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--plot", default="", help="write a speedup bar chart (PNG) here")
+    ap.add_argument("--results", default="", help="write every number (tokax and HF) to this JSON file")
     ap.add_argument("--blockwise-heads", default="", help=".npz of trained heads (experiments/train_gemma_heads.py)")
     args = ap.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
@@ -227,6 +261,12 @@ def main():
             "best_speedup": rows[best]["speedup"] if best else None,
             "hf_prompt_lookup_speedup": hf[s]["prompt_lookup_speedup"] if s in hf else None,
         }
+    title = f"Gemma 3 270M f32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, {machine}"
+    if args.results:
+        with open(args.results, "w") as f:
+            json.dump({"setup": title, "tokax": tk, "hf": hf, "summary": summary}, f, indent=1)
+    if args.plot:
+        plot(tk, hf, args.methods, args.plot, title)
     if args.json:
         print(json.dumps(summary))
 
