@@ -19,18 +19,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a config file
 
 
 from tokax.jobs import ConfigError, load_prompts
-from tokax.jobs import check as _check
+from tokax.jobs import check_decoding
 
 
 def validate_generate(c) -> None:
-    _check(c.model == "gemma3-270m", "model", c.model, "only 'gemma3-270m' is available")
-    _check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "use float32 or bfloat16")
-    _check(c.max_new_tokens >= 1, "max_new_tokens", c.max_new_tokens, "must be >= 1")
-    _check(c.temperature >= 0, "temperature", c.temperature, "must be >= 0 (0 means greedy)")
-    _check(c.top_k >= 0, "top_k", c.top_k, "must be >= 0 (0 disables)")
-    _check(0 < c.top_p <= 1, "top_p", c.top_p, "must be in (0, 1] (1 disables)")
-    _check(0 <= c.min_p <= 1, "min_p", c.min_p, "must be in [0, 1] (0 disables)")
-    _check(c.batch_size >= 1, "batch_size", c.batch_size, "must be >= 1")
+    check_decoding(c)
 
 
 def run_generate(c, demo: bool = False) -> list[dict]:

@@ -240,11 +240,19 @@ def stats_dict(stats: SpecStats, n_gen, row: int) -> dict:
 class SpeculativeGenerator:
     """Speculative generation for a target model and a proposer, mirroring
     ``tokax.decode.generate.Generator``: ``generate`` takes strings or token
-    lists and returns the generated ids and per-row statistics."""
+    lists and returns the generated ids and per-row statistics.
+
+    Subclasses with another loop (``tree_speculative.TreeSpeculativeGenerator``)
+    override ``_slots`` (KV cache slots a call needs) and ``_decode`` (the jitted loop)."""
 
     def __init__(self, cfg: ModelConfig, params: Params, proposer, pparams: Any = None, tokenizer=None,
                  eos_ids: Sequence[int] | None = None, pad_id: int | None = None, verifier: Callable = verify,
                  verify_sizes: Sequence[int] | None = None):
+        self._setup(cfg, params, proposer, pparams, tokenizer, eos_ids, pad_id, verifier)
+        self.verify_sizes = verify_block_sizes(proposer.k, tuple(verify_sizes) if verify_sizes is not None else None,
+                                               getattr(proposer, "can_be_empty", True))
+
+    def _setup(self, cfg, params, proposer, pparams, tokenizer, eos_ids, pad_id, verifier) -> None:
         proposer.check(cfg)  # e.g. draft/target vocab mismatch
         self.cfg = cfg
         self.params = params
@@ -252,14 +260,22 @@ class SpeculativeGenerator:
         self.pparams = pparams
         self.tokenizer = tokenizer
         self.verifier = verifier
-        self.verify_sizes = verify_block_sizes(proposer.k, tuple(verify_sizes) if verify_sizes is not None else None,
-                                               getattr(proposer, "can_be_empty", True))
         if eos_ids is None:
             eos_ids = (tokenizer.eos_id,) if tokenizer is not None else (1,)
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0))
 
     encode = Generator.encode  # strings -> ids with BOS, id lists passed through
+
+    def _slots(self, prompt_bucket: int, buffer_len: int) -> tuple[int, str]:
+        """KV cache slots one call needs, and what they are (for the error message)."""
+        return buffer_sizes(prompt_bucket, buffer_len, self.proposer.k)[1], f"k+1={self.proposer.k + 1} draft slots"
+
+    def _decode(self, prompt, lens, budgets, sp: SamplingParams, rng, buffer_len: int):
+        return speculative_generate(
+            self.cfg, self.params, self.proposer, self.pparams, prompt, lens, budgets, sp, rng, buffer_len=buffer_len,
+            eos_ids=self.eos_ids, pad_id=self.pad_id, verifier=self.verifier, verify_sizes=self.verify_sizes,
+        )
 
     def generate(
         self,
@@ -282,19 +298,16 @@ class SpeculativeGenerator:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         prompt, lens = pad_prompts(ids, self.pad_id, pad_to)
         N = bucket(int(budgets.max()), minimum=16)
-        _, slots = buffer_sizes(prompt.shape[1], N, self.proposer.k)
+        slots, what = self._slots(prompt.shape[1], N)
         limit = min(self.cfg.max_seq_len, getattr(getattr(self.proposer, "cfg", None), "max_seq_len", slots))
         if slots > limit:
             raise ValueError(
-                f"prompt bucket {prompt.shape[1]} + max_new_tokens bucket {N} + k+1={self.proposer.k + 1} draft "
-                f"slots = {slots} exceeds max_seq_len={limit}; shorten the prompts or max_new_tokens"
+                f"prompt bucket {prompt.shape[1]} + max_new_tokens bucket {N} + {what} = {slots} exceeds "
+                f"max_seq_len={limit}; shorten the prompts or max_new_tokens"
             )
         sp = sampling if sampling is not None else SamplingParams.make()
-        toks, n, stats = speculative_generate(
-            self.cfg, self.params, self.proposer, self.pparams, jnp.asarray(prompt), jnp.asarray(lens),
-            jnp.asarray(budgets), sp, jax.random.PRNGKey(seed), buffer_len=N, eos_ids=self.eos_ids,
-            pad_id=self.pad_id, verifier=self.verifier, verify_sizes=self.verify_sizes,
-        )
+        toks, n, stats = self._decode(jnp.asarray(prompt), jnp.asarray(lens), jnp.asarray(budgets), sp,
+                                      jax.random.PRNGKey(seed), N)
         toks, n = np.asarray(toks), np.asarray(n)
         stats = jax.device_get(stats)
         return [toks[i, : n[i]].tolist() for i in range(B)], [stats_dict(stats, n, i) for i in range(B)]

@@ -29,13 +29,11 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
-from tokax.decode.generate import Generator, bucket, pad_prompts
 from tokax.decode.proposers import Context
 from tokax.decode.sampling import SamplingParams
-from tokax.decode.speculative import buffer_sizes
+from tokax.decode.speculative import SpeculativeGenerator, buffer_sizes
 from tokax.decode.tree import block_mask, block_positions, compact_to_path
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
@@ -178,77 +176,23 @@ def tree_speculative_generate(
     return jnp.where(i < s.n_gen[:, None], out, pad_id), s.n_gen, s.stats
 
 
-def stats_dict(stats: TreeStats, n_gen, row: int) -> dict:
-    """Per-row statistics as plain Python numbers (what the job prints)."""
-    proposed, accepted, passes = (int(np.asarray(x)[row]) for x in (stats.proposed, stats.accepted, stats.passes))
-    n = int(np.asarray(n_gen)[row])
-    return {
-        "new_tokens": n,
-        "proposed": proposed,  # tree nodes scored by the target
-        "accepted": accepted,
-        "target_passes": passes,
-        "acceptance_rate": accepted / proposed if proposed else 0.0,  # per node: low for wide trees by design
-        "mean_accepted": accepted / passes if passes else 0.0,  # accepted nodes per target pass
-        "tokens_per_pass": n / passes if passes else 0.0,
-        "accepted_hist": np.asarray(stats.hist)[row].tolist(),  # rounds with 0..D nodes accepted
-    }
-
-
-class TreeSpeculativeGenerator:
+class TreeSpeculativeGenerator(SpeculativeGenerator):
     """Tree-speculative generation for a target model and a tree proposer,
     mirroring ``SpeculativeGenerator``: ``generate`` takes strings or token
-    lists and returns the generated ids and per-row statistics."""
+    lists and returns the generated ids and per-row statistics (the same keys;
+    ``proposed`` and ``accepted`` count tree nodes)."""
 
     def __init__(self, cfg: ModelConfig, params: Params, proposer, pparams: Any = None, tokenizer=None,
                  eos_ids: Sequence[int] | None = None, pad_id: int | None = None, verifier: Callable | None = None):
-        proposer.check(cfg)  # e.g. draft/target vocab mismatch
-        self.cfg = cfg
-        self.params = params
-        self.proposer = proposer
-        self.pparams = pparams
-        self.tokenizer = tokenizer
-        self.verifier = verifier if verifier is not None else proposer.verifier()
-        if eos_ids is None:
-            eos_ids = (tokenizer.eos_id,) if tokenizer is not None else (1,)
-        self.eos_ids = tuple(int(e) for e in eos_ids)
-        self.pad_id = int(pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0))
+        self._setup(cfg, params, proposer, pparams, tokenizer, eos_ids, pad_id,
+                    verifier if verifier is not None else proposer.verifier())
 
-    encode = Generator.encode  # strings -> ids with BOS, id lists passed through
+    def _slots(self, prompt_bucket: int, buffer_len: int) -> tuple[int, str]:
+        _, slots = tree_buffer_sizes(prompt_bucket, buffer_len, self.proposer.n_nodes)
+        return slots + getattr(self.proposer, "extra_slots", 0), f"tree slots ({self.proposer.n_nodes} nodes)"
 
-    def generate(
-        self,
-        prompts,
-        max_new_tokens: int | Sequence[int] = 64,
-        sampling: SamplingParams | None = None,
-        seed: int = 0,
-        pad_to: int | None = None,
-    ) -> tuple[list[list[int]], list[dict]]:
-        """Generated ids (prompt excluded, stop token included) and a stats
-        dict per prompt; ``pad_to`` fixes the padded prompt length."""
-        ids = self.encode(prompts)
-        if pad_to is not None and pad_to < max(len(x) for x in ids):
-            raise ValueError(f"pad_to={pad_to} is shorter than the longest prompt ({max(len(x) for x in ids)} tokens)")
-        B = len(ids)
-        budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (B,)).copy()
-        if (budgets < 0).any():
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        prompt, lens = pad_prompts(ids, self.pad_id, pad_to)
-        N = bucket(int(budgets.max()), minimum=16)
-        _, slots = tree_buffer_sizes(prompt.shape[1], N, self.proposer.n_nodes)
-        need = slots + getattr(self.proposer, "extra_slots", 0)
-        limit = min(self.cfg.max_seq_len, getattr(getattr(self.proposer, "cfg", None), "max_seq_len", need))
-        if need > limit:
-            raise ValueError(
-                f"prompt bucket {prompt.shape[1]} + max_new_tokens bucket {N} + tree slots "
-                f"({self.proposer.n_nodes} nodes) = {need} exceeds max_seq_len={limit}; shorten the prompts or "
-                "max_new_tokens"
-            )
-        sp = sampling if sampling is not None else SamplingParams.make()
-        toks, n, stats = tree_speculative_generate(
-            self.cfg, self.params, self.proposer, self.pparams, jnp.asarray(prompt), jnp.asarray(lens),
-            jnp.asarray(budgets), sp, jax.random.PRNGKey(seed), buffer_len=N, eos_ids=self.eos_ids,
-            pad_id=self.pad_id, verifier=self.verifier,
+    def _decode(self, prompt, lens, budgets, sp: SamplingParams, rng, buffer_len: int):
+        return tree_speculative_generate(
+            self.cfg, self.params, self.proposer, self.pparams, prompt, lens, budgets, sp, rng, buffer_len=buffer_len,
+            eos_ids=self.eos_ids, pad_id=self.pad_id, verifier=self.verifier,
         )
-        toks, n = np.asarray(toks), np.asarray(n)
-        stats = jax.device_get(stats)
-        return [toks[i, : n[i]].tolist() for i in range(B)], [stats_dict(stats, n, i) for i in range(B)]

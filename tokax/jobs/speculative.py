@@ -9,20 +9,13 @@ import os
 import sys
 import time
 
-from tokax.jobs import check, load_prompts
+from tokax.jobs import check, check_decoding, load_prompts
 
 METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise")
 
 
 def validate(c) -> None:
-    check(c.model == "gemma3-270m", "model", c.model, "only 'gemma3-270m' is available")
-    check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "use float32 or bfloat16")
-    check(c.max_new_tokens >= 1, "max_new_tokens", c.max_new_tokens, "must be >= 1")
-    check(c.temperature >= 0, "temperature", c.temperature, "must be >= 0 (0 means greedy)")
-    check(c.top_k >= 0, "top_k", c.top_k, "must be >= 0 (0 disables)")
-    check(0 < c.top_p <= 1, "top_p", c.top_p, "must be in (0, 1] (1 disables)")
-    check(0 <= c.min_p <= 1, "min_p", c.min_p, "must be in [0, 1] (0 disables)")
-    check(c.batch_size >= 1, "batch_size", c.batch_size, "must be >= 1")
+    check_decoding(c)
     check(c.method in METHODS, "method", c.method, f"use one of {', '.join(METHODS)}")
     check(c.k >= 1, "k", c.k, "must be >= 1 (maximum draft tokens per round)")
     check(1 <= c.min_ngram <= c.max_ngram, "min_ngram", c.min_ngram, f"need 1 <= min_ngram <= max_ngram={c.max_ngram}")

@@ -4,21 +4,14 @@ output as the speculative job (text, or JSON lines with ``stats``)."""
 
 from __future__ import annotations
 
-from tokax.jobs import check
+from tokax.jobs import check, check_decoding
 from tokax.jobs.speculative import decode_prompts
 
 METHODS = ("draft_tree", "dyspec", "token_recycling", "spectr")
 
 
 def validate(c) -> None:
-    check(c.model == "gemma3-270m", "model", c.model, "only 'gemma3-270m' is available")
-    check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "use float32 or bfloat16")
-    check(c.max_new_tokens >= 1, "max_new_tokens", c.max_new_tokens, "must be >= 1")
-    check(c.temperature >= 0, "temperature", c.temperature, "must be >= 0 (0 means greedy)")
-    check(c.top_k >= 0, "top_k", c.top_k, "must be >= 0 (0 disables)")
-    check(0 < c.top_p <= 1, "top_p", c.top_p, "must be in (0, 1] (1 disables)")
-    check(0 <= c.min_p <= 1, "min_p", c.min_p, "must be in [0, 1] (0 disables)")
-    check(c.batch_size >= 1, "batch_size", c.batch_size, "must be >= 1")
+    check_decoding(c)
     check(c.method in METHODS, "method", c.method, f"use one of {', '.join(METHODS)}")
     check(len(c.branching) >= 1 and all(b >= 1 for b in c.branching), "branching", c.branching,
           "needs >= 1 children per depth")
