@@ -25,9 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokax.decode.proposers import save_params  # noqa: E402
-from tokax.decode.proposers.blockwise import BlockwiseProposer, apply_heads, init_heads  # noqa: E402
-from tokax.train import heads  # noqa: E402
+from tokax.decode.proposers.blockwise import BlockwiseProposer, init_heads  # noqa: E402
+from tokax.jobs import train_heads as train_heads_job  # noqa: E402
 
 
 def load_config(arg: str):
@@ -94,15 +93,8 @@ def main(argv=None) -> dict:
     for key in ("steps", "k", "train_rows", "cand_size", "lr", "weight_decay"):
         if getattr(args, key) is not None:
             setattr(c, key, getattr(args, key))
-    os.makedirs(args.out, exist_ok=True)
-    c.hidden_cache = os.path.join(args.out, "target_hidden.npz")  # reused by a rerun with the same data
-    res = heads.run(c, apply_heads, lambda d, k, rng: init_heads(d, k), log_file=os.path.join(args.out, "log.jsonl"))
-    path = os.path.join(args.out, "heads.npz")
-    save_params(path, res.pop("hparams"))
-    res["heads"] = path
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    return res
+    c.workdir = args.out  # heads.npz, log.jsonl, summary.json; the target pass is cached there too
+    return train_heads_job.run(c)
 
 
 if __name__ == "__main__":

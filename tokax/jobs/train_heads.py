@@ -22,8 +22,10 @@ def run(c) -> dict:
     if not c.hidden_cache:
         c.hidden_cache = os.path.join(out, "target_hidden.npz")  # a rerun reuses the target pass
     res = heads.run(c, apply_heads, lambda d, k, rng: init_heads(d, k), log_file=os.path.join(out, "log.jsonl"))
-    save_params(os.path.join(out, "heads.npz"), res.pop("hparams"))
+    path = os.path.join(out, "heads.npz")
+    save_params(path, res.pop("hparams"))
+    res["heads"] = path
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(res, f, indent=1, default=float)
-    print(f"heads saved to {os.path.join(out, 'heads.npz')}")
+    print(f"heads saved to {path}")
     return res
