@@ -149,9 +149,9 @@ def compare_methods(c, methods, cfg, params, tok, prompts, pad_to, plain_rows, t
     table = [{"method": "plain", "tok_s": n_plain / max(t_plain, 1e-9), "speedup": 1.0, "tokens_per_pass": 1.0,
               "identical": f"{len(plain_rows)}/{len(plain_rows)}"}]
     for m in methods:
+        check(m in METHODS, "compare_methods", m, f"use names from {', '.join(METHODS)}")
         mc = spec_config.get_config(m)
         mc.k = int(c.get("k", mc.k))
-        check(m in METHODS, "compare_methods", m, f"use names from {', '.join(METHODS)}")
         prop, pparams = build_proposer(mc, cfg, params)
         gen = SpeculativeGenerator(cfg, params, prop, pparams, tok)
         gen.generate([prompts[0]], c.max_new_tokens, sp, pad_to=pad_to)  # compile outside the timing
