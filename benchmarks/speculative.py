@@ -5,7 +5,8 @@ Target: Gemma 3 270M (the GGUF dequantized to float32) for both tokax and HF.
 Three prompt sets of real text, ``--n-prompts`` each (default 20):
 
 * ``code``: prefixes of Python standard-library functions (signature,
-  docstring and the first lines of the body, from ``inspect.getsource``);
+  docstring and the first lines of the body), one per file of the stdlib
+  corpus's held-out split, which no tokax-trained draft or head saw;
 * ``rewrite``: paragraphs of the Python reference manual
   (``pydoc_data.topics``) with a repeat / rewrite / extract instruction;
 * ``prose``: the opening sentences of other such paragraphs, to continue.
@@ -32,26 +33,21 @@ from them until distilled drafts exist.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CODE_FUNCS = [
-    "textwrap.dedent", "textwrap.indent", "posixpath.join", "posixpath.splitext", "posixpath.relpath",
-    "shutil.copyfileobj", "shutil.which", "json.dumps", "json.loads", "heapq.nsmallest", "heapq.merge",
-    "bisect.insort_right", "functools.total_ordering", "string.capwords", "fnmatch.translate",
-    "os.makedirs", "os.walk", "random.Random.shuffle", "random.Random.choices", "statistics.median",
-    "statistics.mode", "base64.b64encode", "glob.glob", "csv.DictReader.__next__", "calendar.isleap",
-    "difflib.get_close_matches", "ipaddress.ip_address", "urllib.parse.urljoin", "colorsys.rgb_to_hsv",
-    "textwrap.shorten",
-]
+# Code prompts come from the held-out (eval) split of the stdlib corpus, which no tokax-trained
+# draft or head has seen: one function or method per file, in file order, that has a docstring
+# and at least 12 lines.
+CODE_MIN_LINES = 12
 REWRITE_TEMPLATES = [
     "Repeat the following passage exactly.\n\nPassage:\n{p}\n\nRepeated passage:\n",
     "Rewrite the following passage in plain English, keeping all technical terms.\n\nPassage:\n{p}\n\nRewritten:\n",
@@ -64,23 +60,25 @@ def log(*a):
 
 
 def code_prompts(n: int) -> list[str]:
-    import importlib
+    import ast
+
+    from tokax.train.data import stdlib_files
 
     out = []
-    for name in CODE_FUNCS:
-        mod_name, *attrs = name.split(".")
-        obj = importlib.import_module(mod_name)
-        for i, a in enumerate(attrs):
-            try:
-                obj = getattr(obj, a)
-            except AttributeError:  # dotted module path (os.path style)
-                obj = importlib.import_module(".".join([mod_name] + attrs[: i + 1]))
+    for path in stdlib_files("eval"):
+        src = Path(path).read_text(encoding="utf-8", errors="replace")
         try:
-            lines = inspect.getsource(obj).splitlines(keepends=True)
-        except (OSError, TypeError):
+            tree = ast.parse(src)
+        except SyntaxError:
             continue
-        cut = max(3, len(lines) // 3)  # signature, docstring head, first lines of the body
-        out.append("".join(lines[: min(cut, 25)]))
+        lines = src.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)
+                    and node.end_lineno - node.lineno + 1 >= CODE_MIN_LINES):
+                body = lines[node.lineno - 1 : node.end_lineno]
+                cut = max(3, len(body) // 3)  # signature, docstring head, first lines of the body
+                out.append(textwrap.dedent("".join(body[: min(cut, 25)])))
+                break
         if len(out) == n:
             break
     return out
@@ -121,47 +119,141 @@ def time_calls(fn, prompts) -> tuple[float, list]:
     return dt, outs
 
 
-def bench_tokax(sets: dict, args) -> dict:
+def method_config(method: str, args, **overrides):
+    """``configs/speculative.py`` preset for ``method`` with the benchmark's settings."""
     import configs.speculative as spec_config
-    from tokax.decode.generate import Generator, bucket
-    from tokax.decode.speculative import SpeculativeGenerator
-    from tokax.jobs.speculative import build_proposer
+
+    c = spec_config.get_config(method)
+    c.k, c.draft_layers, c.draft, c.seed = args.k, args.draft_layers, args.draft, 0
+    if args.blockwise_heads:
+        c.blockwise_heads = args.blockwise_heads
+    if args.draft != "distilled" or not (ROOT / "tokax/assets/gemma3_270m_draft/specdec_head.npz").exists():
+        c.specdec_head = ""  # the shipped SpecDec++ head belongs to the shipped draft
+    for key, val in overrides.items():
+        setattr(c, key, val)
+    return c
+
+
+def run_method(c, cfg, params, ids, N, pad_to, ref=None, sp=None, seed=0) -> dict:
+    """Decode token lists ``ids`` one at a time with the method of config ``c``
+    (compile excluded); seconds, accepted drafts and tokens per target pass,
+    and (with ``ref``) how many outputs equal plain greedy."""
+    from tokax.jobs.speculative import make_generator
+
+    gen = make_generator(c, cfg, params, eos_ids=(), pad_id=0)
+    kw = {} if sp is None else {"sampling": sp}
+    gen.generate([ids[0]], N, pad_to=pad_to, **kw)  # compile
+    dt, outs = time_calls(lambda x: gen.generate([x], N, pad_to=pad_to, seed=seed, **kw), ids)
+    stats = [o[1][0] for o in outs]
+    acc, passes = sum(s["accepted"] for s in stats), sum(s["target_passes"] for s in stats)
+    row = {"seconds": dt, "mean_accepted_per_pass": acc / passes,
+           "tokens_per_pass": sum(s["new_tokens"] for s in stats) / passes}
+    if ref is not None:
+        row["identical_to_plain"] = sum(o[0][0] == r for o, r in zip(outs, ref))
+    return row
+
+
+def load_target():
     from tokax.model.loaders.gguf import load_gemma3
     from tokax.tokenize import load_gemma3_tokenizer
 
     cfg, params = load_gemma3("float32")
-    tok = load_gemma3_tokenizer()
+    return cfg, params, load_gemma3_tokenizer()
+
+
+def encode(tok, prompts):
+    from tokax.decode.generate import bucket
+
+    ids = [tok.encode(p, add_bos=True) for p in prompts]
+    return ids, bucket(max(len(x) for x in ids))  # one compiled program per set and method
+
+
+def plain_greedy(cfg, params, ids, N, pad_to):
+    from tokax.decode.generate import Generator
+
+    plain = Generator(cfg, params, eos_ids=(), pad_id=0)
+    plain.generate([ids[0]], N, pad_to=pad_to)  # compile
+    return time_calls(lambda x: plain.generate([x], N, pad_to=pad_to)[0], ids)
+
+
+def bench_tokax(sets: dict, args, target) -> dict:
+    cfg, params, tok = target
     N = args.new_tokens
     res = {}
     for name, prompts in sets.items():
-        ids = [tok.encode(p, add_bos=True) for p in prompts]
-        pad_to = bucket(max(len(x) for x in ids))  # one compiled program per set and method
-        plain = Generator(cfg, params, eos_ids=(), pad_id=0)
-        plain.generate([ids[0]], N, pad_to=pad_to)  # compile
-        t_plain, ref = time_calls(lambda x: plain.generate([x], N, pad_to=pad_to)[0], ids)
+        ids, pad_to = encode(tok, prompts)
+        t_plain, ref = plain_greedy(cfg, params, ids, N, pad_to)
         log(f"[{name}] tokax plain greedy: {len(ids) * N / t_plain:.1f} tok/s")
         rows = {"plain": {"seconds": t_plain, "tok_s": len(ids) * N / t_plain}}
         for method in args.methods:
-            c = spec_config.get_config(method)
-            c.k, c.draft_layers, c.seed = args.k, args.draft_layers, 0
-            if method == "blockwise" and args.blockwise_heads:
-                c.blockwise_heads = args.blockwise_heads
-            prop, pparams = build_proposer(c, cfg, params)
-            gen = SpeculativeGenerator(cfg, params, prop, pparams, eos_ids=(), pad_id=0)
-            gen.generate([ids[0]], N, pad_to=pad_to)  # compile
-            dt, outs = time_calls(lambda x: gen.generate([x], N, pad_to=pad_to), ids)
-            stats = [o[1][0] for o in outs]
-            acc, passes = sum(s["accepted"] for s in stats), sum(s["target_passes"] for s in stats)
-            rows[method] = {
-                "seconds": dt,
-                "speedup": t_plain / dt,
-                "mean_accepted_per_pass": acc / passes,
-                "tokens_per_pass": sum(s["new_tokens"] for s in stats) / passes,
-                "identical_to_plain": sum(o[0][0] == r for o, r in zip(outs, ref)),
-            }
+            rows[method] = run_method(method_config(method, args), cfg, params, ids, N, pad_to, ref)
+            rows[method]["speedup"] = t_plain / rows[method]["seconds"]
             log(f"[{name}] {method}: {rows[method]}")
         res[name] = rows
     return res
+
+
+# Fixed tree templates (children per depth) with exactly 4, 8 and 16 nodes, against DySpec's budget.
+SWEEP_TEMPLATES = {
+    4: [(4,), (2, 1), (1, 1, 1, 1)],
+    8: [(8,), (4, 1), (2, 1, 1, 1), (1,) * 8],
+    16: [(4, 3), (8, 1), (4, 1, 1, 1), (2,) + (1,) * 7],
+}
+
+
+def template_nodes(branching) -> int:
+    n, width = 0, 1
+    for b in branching:
+        width *= b
+        n += width
+    return n
+
+
+def bench_sweep(prompts: list, args, target) -> dict:
+    """Node-budget sweep (greedy): DySpec with an n-node budget against every fixed draft tree
+    of n nodes in ``SWEEP_TEMPLATES`` (and, with ``--sweep-families tree,token_recycling``,
+    Token Recycling on the same templates)."""
+    cfg, params, tok = target
+    N = args.new_tokens
+    ids, pad_to = encode(tok, prompts)
+    t_plain, ref = plain_greedy(cfg, params, ids, N, pad_to)
+    out = {"plain_seconds": t_plain, "budgets": {}}
+    for n, templates in SWEEP_TEMPLATES.items():
+        rows = {}
+        c = method_config("dyspec", args, n_nodes=n, rounds=min(n, 6), max_children=4)
+        rows["dyspec"] = run_method(c, cfg, params, ids, N, pad_to, ref)
+        for br in templates:
+            assert template_nodes(br) == n, (br, n)
+            for method in args.sweep_families:
+                c = method_config(method, args, branching=br, table_k=max(4, max(br)))
+                rows[f"{method}{list(br)}"] = run_method(c, cfg, params, ids, N, pad_to, ref)
+        for r in rows.values():
+            r["speedup"] = t_plain / r["seconds"]
+        for fam in args.sweep_families:
+            best = max((k for k in rows if k.startswith(fam + "[")), key=lambda k: rows[k]["mean_accepted_per_pass"])
+            rows[f"best_{fam}"] = best
+        out["budgets"][n] = rows
+        log(f"[sweep n={n}] " + ", ".join(f"{k}: {v['mean_accepted_per_pass']:.2f}" for k, v in rows.items()
+                                          if isinstance(v, dict)))
+    return out
+
+
+def bench_spectr(prompts: list, args, target) -> dict:
+    """Acceptance at temperature 1: SpecTr with k i.i.d. draft chains of length L against
+    single-draft speculative sampling (the chain ``draft`` method with K = L), same draft."""
+    from tokax.decode.sampling import SamplingParams
+
+    cfg, params, tok = target
+    N = args.new_tokens
+    ids, pad_to = encode(tok, prompts)
+    sp = SamplingParams.make(1.0)
+    L = args.spectr_length
+    rows = {"draft (single chain)": run_method(method_config("draft", args, k=L), cfg, params, ids, N, pad_to, sp=sp)}
+    for k in (1, 2, 3, 4):
+        c = method_config("spectr", args, spectr_k=k, spectr_length=L)
+        rows[f"spectr k={k}"] = run_method(c, cfg, params, ids, N, pad_to, sp=sp)
+    log("[spectr T=1] " + ", ".join(f"{m}: {r['mean_accepted_per_pass']:.2f}" for m, r in rows.items()))
+    return {"length": L, "temperature": 1.0, "rows": rows}
 
 
 def bench_hf(sets: dict, args) -> dict:
@@ -221,6 +313,40 @@ def plot(tk: dict, hf: dict, methods: list, path: str, title: str) -> None:
     log(f"wrote {path}")
 
 
+def plot_sweep(sweep: dict, path: str, title: str) -> None:
+    """Accepted drafts per target pass (left) and speedup (right) against the node budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = sorted(int(n) for n in sweep["budgets"])
+    rows = [sweep["budgets"][n] for n in ns]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label in ((axes[0], "mean_accepted_per_pass", "accepted drafts per target pass"),
+                           (axes[1], "speedup", "speedup over plain greedy")):
+        ax.plot(ns, [r["dyspec"][key] for r in rows], "o-", label="DySpec (dynamic tree)")
+        if "best_tree" in rows[0]:
+            ax.plot(ns, [r[r["best_tree"]][key] for r in rows], "s--", label="best fixed draft tree")
+        if "best_token_recycling" in rows[0]:
+            ax.plot(ns, [r[r["best_token_recycling"]][key] for r in rows], "^:", label="best Token Recycling template")
+        for r, n in zip(rows, ns):
+            for k, v in r.items():
+                if isinstance(v, dict) and k.startswith("tree["):
+                    ax.plot([n], [v[key]], ".", color="gray", alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("tree nodes per pass (budget)")
+        ax.set_ylabel(label)
+        if key == "speedup":
+            ax.axhline(1.0, color="k", lw=0.8)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    log(f"wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true")
@@ -228,21 +354,34 @@ def main():
     ap.add_argument("--n-prompts", type=int, default=20)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--draft-layers", type=int, default=4)
-    ap.add_argument("--methods", default="prompt_lookup,anpd,draft,kangaroo,specdec_pp")
+    ap.add_argument("--methods", default="prompt_lookup,anpd,draft,specdec_pp,tree,dyspec,token_recycling")
     ap.add_argument("--sets", default="code,rewrite,prose")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--plot", default="", help="write a speedup bar chart (PNG) here")
     ap.add_argument("--results", default="", help="write every number (tokax and HF) to this JSON file")
     ap.add_argument("--blockwise-heads", default="", help=".npz of trained heads (experiments/train_gemma_heads.py)")
+    ap.add_argument("--draft", default="distilled", help="draft model: 'distilled' (shipped), 'distilled:DIR', 'truncated'")
+    ap.add_argument("--sweep", action="store_true", help="node-budget sweep of the tree methods (greedy)")
+    ap.add_argument("--sweep-set", default="code")
+    ap.add_argument("--sweep-prompts", type=int, default=10)
+    ap.add_argument("--sweep-plot", default="", help="write the node-budget sweep plot (PNG) here")
+    ap.add_argument("--sweep-families", default="tree", help="fixed-template methods in the sweep (tree,token_recycling)")
+    ap.add_argument("--spectr", action="store_true", help="SpecTr vs single-draft acceptance at temperature 1")
+    ap.add_argument("--spectr-length", type=int, default=4)
+    ap.add_argument("--spectr-prompts", type=int, default=10)
     args = ap.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
+    args.sweep_families = [m for m in args.sweep_families.split(",") if m]
     makers = {"code": code_prompts, "rewrite": rewrite_prompts, "prose": prose_prompts}
     sets = {s: makers[s](args.n_prompts) for s in args.sets.split(",")}
     for s, ps in sets.items():
         if len(ps) < args.n_prompts:
             raise SystemExit(f"prompt set {s!r} has only {len(ps)} prompts (< --n-prompts {args.n_prompts})")
 
-    tk = bench_tokax(sets, args)
+    target = load_target()
+    tk = bench_tokax(sets, args, target) if args.methods else {}
+    sweep = bench_sweep(sets[args.sweep_set][: args.sweep_prompts], args, target) if args.sweep else None
+    spectr = bench_spectr(sets[args.sweep_set][: args.spectr_prompts], args, target) if args.spectr else None
     hf = {} if args.no_hf else bench_hf(sets, args)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"\nGemma 3 270M float32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, {machine}")
@@ -262,10 +401,25 @@ def main():
             "hf_prompt_lookup_speedup": hf[s]["prompt_lookup_speedup"] if s in hf else None,
         }
     title = f"Gemma 3 270M f32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, {machine}"
+    if sweep:
+        print(f"\nnode-budget sweep ({args.sweep_set}, {args.sweep_prompts} prompts, greedy): accepted drafts per pass"
+              " (speedup over plain greedy)")
+        for n, rows in sweep["budgets"].items():
+            line = f"  {n:>2} nodes: dyspec {rows['dyspec']['mean_accepted_per_pass']:.2f} ({rows['dyspec']['speedup']:.2f}x)"
+            for fam in args.sweep_families:
+                b = rows[f"best_{fam}"]
+                line += f" | best {fam} {b} {rows[b]['mean_accepted_per_pass']:.2f} ({rows[b]['speedup']:.2f}x)"
+            print(line)
+        if args.sweep_plot:
+            plot_sweep(sweep, args.sweep_plot, f"{args.sweep_set} set, {args.sweep_prompts} prompts; " + title)
+    if spectr:
+        print(f"\nacceptance at temperature 1 ({args.sweep_set}, {args.spectr_prompts} prompts, chains of "
+              f"{spectr['length']}): " + ", ".join(f"{m} {r['mean_accepted_per_pass']:.2f}" for m, r in spectr["rows"].items()))
     if args.results:
         with open(args.results, "w") as f:
-            json.dump({"setup": title, "tokax": tk, "hf": hf, "summary": summary}, f, indent=1)
-    if args.plot:
+            json.dump({"setup": title, "tokax": tk, "hf": hf, "summary": summary, "sweep": sweep, "spectr": spectr},
+                      f, indent=1)
+    if args.plot and tk:
         plot(tk, hf, args.methods, args.plot, title)
     if args.json:
         print(json.dumps(summary))

@@ -6,10 +6,11 @@
 
 Default: a random tiny target on byte-tokenized stdlib source, 3 heads, full
 vocabulary, about a minute on 2 CPU cores. ``:gemma``: Gemma 3 270M (the
-real weights), heads trained on its greedy tokens over stdlib source, with
-a sampled softmax over 2048 candidate ids per batch (the 262k-token
-vocabulary is too wide for a CPU step); accuracy is measured over the full
-vocabulary. The same heads serve ``blockwise`` (chain drafts) and
+real weights), heads trained on its greedy tokens over 131k positions of
+stdlib source, over the 16,384 most frequent tokens (``head_vocab``; the
+262k-token vocabulary is too wide for a CPU step, and a sampled softmax
+over it let the full-vocabulary argmax drift); the saved heads draft from
+that subset too. The same heads serve ``blockwise`` (chain drafts) and
 ``medusa`` (``head_topk_tree`` for tree verification) decoding.
 """
 
@@ -37,6 +38,7 @@ def get_config(arg=None):
     c.labels = "greedy"  # 'greedy': the target's own argmax tokens; 'data': the corpus tokens
     c.distill_weight = 0.0  # w in (1-w) CE + w KL(target || head)
     c.cand_size = 0  # >0: sampled softmax over this many candidate ids per batch
+    c.head_vocab = 0  # >0: heads over the N most frequent corpus tokens (training and decoding)
     c.chunk_size = 0  # >0: chunked log-softmax over the vocabulary
     c.steps = 300
     c.batch_size = 16
@@ -55,9 +57,11 @@ def get_config(arg=None):
         c.eval_rows = 12
         c.max_files = 0
         c.target_batch = 2
-        c.cand_size = 2048
+        c.cand_size = 0
+        c.head_vocab = 16384  # full softmax over the 16k most frequent tokens (sampled softmax drifted)
+        c.train_rows = 1024  # 131k target positions
         c.steps = 600
-        c.batch_size = 8
+        c.batch_size = 4
         c.lr = 1e-3
         c.log_every = 25
     elif arg not in (None, ""):

@@ -4,17 +4,22 @@
         --config.prompts_file=prompts.json --config.max_new_tokens=64 --config.json=True
 
 ``get_config("METHOD")`` presets the method (``configs/speculative.py:anpd``).
-Methods: draft (a draft model; until a distilled one exists, the target's
-first ``draft_layers`` layers + final norm + LM head), prompt_lookup, anpd,
+Methods: draft (the draft model named by ``draft``: by default the distilled
+draft shipped with tokax, see configs/distill.py:draft), prompt_lookup, anpd,
 kangaroo (first ``kangaroo_layers`` layers + adapter + LM head), specdec_pp
 (the draft model + an acceptance head), lookahead (n-gram pool of the target's
 own guesses), blockwise (k heads on the target's hidden state; train them with
-experiments/train_gemma_heads.py). All are lossless.
+experiments/train_gemma_heads.py); token trees verified in one target pass:
+tree (a fixed template from the draft's top-k), dyspec (a tree grown by
+draft path probability under a node budget), spectr (k i.i.d. draft chains),
+token_recycling (an adjacency table of the target's past top-k), medusa (the
+blockwise heads' top-k tree). All are lossless.
 """
 
 import ml_collections
 
-METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise")
+METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise",
+           "tree", "dyspec", "spectr", "token_recycling", "medusa")
 
 
 def get_config(arg=None):
@@ -39,14 +44,20 @@ def get_config(arg=None):
     c.min_ngram = 1
     c.init_ngram = 2  # anpd: starting n-gram size (adapted online)
     # draft / specdec_pp: the draft model
-    c.draft_layers = 4  # truncated copy of the target: its first N layers + final norm + LM head
+    # 'distilled': the draft shipped with tokax (configs/distill.py:draft: Gemma's first 4 layers + LoRA,
+    # a 16k-token head); 'distilled:DIR': one exported by experiments/distill_gemma_draft.py;
+    # 'truncated': the target's first draft_layers layers + final norm + full LM head (untrained baseline)
+    c.draft = "distilled"
+    c.draft_layers = 4
     # kangaroo
     c.kangaroo_layers = 2  # shallow layers shared with the target
     c.kangaroo_threshold = 0.6  # stop drafting after a token with top-1 prob below this
     c.kangaroo_adapter = ""  # .npz from tokax.decode.proposers.save_params; "" = identity adapter (early exit)
     # specdec_pp
     c.specdec_threshold = 0.7  # stop when predicted P(some rejection) exceeds this
-    c.specdec_head = ""  # .npz of a trained head; "" = untrained head predicting specdec_prior everywhere
+    # 'distilled': the head trained on the shipped draft (experiments/train_specdec_head.py); a .npz path;
+    # "" = untrained head predicting specdec_prior everywhere (a fixed draft length)
+    c.specdec_head = "distilled"
     c.specdec_prior = 0.8
     # lookahead (training-free n-gram pool from the target's own Jacobi guesses)
     c.lookahead_ngram = 3
@@ -55,4 +66,13 @@ def get_config(arg=None):
     # blockwise (Stern et al. 2018) / Medusa-style heads on the frozen target
     c.blockwise_heads = ""  # .npz from experiments/train_gemma_heads.py; "" = untrained heads (copy next)
     c.blockwise_sample_drafts = True
+    # token trees (verified in one target pass; tokax.decode.tree_speculative)
+    c.branching = (3, 2, 1)  # tree (a fixed template filled from the draft) / token_recycling: children per depth
+    c.n_nodes = 12  # dyspec: node budget
+    c.rounds = 4  # dyspec: draft passes (= maximum depth)
+    c.max_children = 4  # dyspec: ranks considered per node
+    c.table_k = 4  # token_recycling: adjacency table width (>= max(branching))
+    c.spectr_k = 3  # spectr: i.i.d. draft chains
+    c.spectr_length = 4  # spectr: tokens per chain
+    c.medusa_topk = (3, 2, 1)  # medusa: top-k of each blockwise head (tree = their cartesian product)
     return c

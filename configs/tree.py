@@ -8,8 +8,8 @@ template, ``branching`` children per depth, filled from the draft), dyspec
 ``rounds`` draft passes), token_recycling (no draft: an adjacency table of
 the target's past top-``table_k``, read along the ``branching`` template),
 spectr (``spectr_k`` i.i.d. draft chains of ``spectr_length`` tokens,
-k-sequential selection). The draft is the target's first ``draft_layers``
-layers + final norm + LM head. All are lossless.
+k-sequential selection). The draft is named by ``draft``: by default the
+distilled draft shipped with tokax (configs/distill.py:draft). All are lossless.
 """
 
 import ml_collections
@@ -33,7 +33,11 @@ def get_config(arg=None):
     c.json = False  # one JSON object per prompt per line: prompt, token_ids, text, stats
 
     c.method = arg or "draft_tree"  # one of METHODS
-    c.draft_layers = 4  # draft_tree / dyspec / spectr: truncated copy of the target
+    # 'distilled': the draft shipped with tokax (configs/distill.py:draft: Gemma's first 4 layers + LoRA,
+    # a 16k-token head); 'distilled:DIR': one exported by experiments/distill_gemma_draft.py;
+    # 'truncated': the target's first draft_layers layers + final norm + full LM head (untrained baseline)
+    c.draft = "distilled"
+    c.draft_layers = 4
     c.branching = (3, 2, 1)  # draft_tree / token_recycling: children per node at each depth
     # dyspec
     c.n_nodes = 12  # node budget

@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=None, help="number of heads")
     ap.add_argument("--train_rows", type=int, default=None, help="training sequences (one target pass each)")
     ap.add_argument("--cand_size", type=int, default=None, help="sampled-softmax candidates per batch")
+    ap.add_argument("--head_vocab", type=int, default=None, help="heads over the N most frequent tokens")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (cosine decay)")
     ap.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay")
     ap.add_argument("--decode_eval", action="store_true", help="decode with OUT/heads.npz instead of training")
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     if args.decode_eval:
         return decode_eval(args.out)
     c = load_config(args.config)
-    for key in ("steps", "k", "train_rows", "cand_size", "lr", "weight_decay"):
+    for key in ("steps", "k", "train_rows", "cand_size", "head_vocab", "lr", "weight_decay"):
         if getattr(args, key) is not None:
             setattr(c, key, getattr(args, key))
     c.workdir = args.out  # heads.npz, log.jsonl, summary.json; the target pass is cached there too

@@ -248,3 +248,23 @@ def test_heads_learn_target_greedy_tokens():
     np.testing.assert_allclose(before, numpy_acc(h0), atol=1e-6)
     np.testing.assert_allclose(after, numpy_acc(trained), atol=1e-6)
     assert (after > before + 0.1).all(), (before, after)
+
+
+def test_subset_heads_logits_and_greedy_identity(target, heads, plain_greedy):
+    """Heads over a token subset (head_vocab): the logits of the subset equal the full heads'
+    (numpy reference), q = 0 elsewhere, and greedy blockwise decoding still equals plain greedy."""
+    from tests.decode.test_speculative import ragged_prompts
+
+    cfg, params = target
+    ids = jnp.asarray([0, 1, 3, 4, 6], jnp.int32)
+    sub = dict(heads, head_ids=ids)
+    h = np.random.RandomState(1).randn(5, cfg.d_model).astype(np.float32)
+    got = np.asarray(head_logits(sub, params["embed"], jnp.asarray(h)))
+    ref = numpy_head_logits(heads, params["embed"], h)
+    np.testing.assert_allclose(got[..., np.asarray(ids)], ref[..., np.asarray(ids)], rtol=1e-4, atol=1e-4)
+    outside = np.setdiff1d(np.arange(V), np.asarray(ids))
+    assert (got[..., outside] < -1e29).all()
+    base, budgets = ragged_prompts()
+    outs, st = SpeculativeGenerator(cfg, params, BlockwiseProposer(k=K), sub, eos_ids=()).generate(base, budgets)
+    assert outs == plain_greedy
+    assert sum(s["accepted"] for s in st) > 0

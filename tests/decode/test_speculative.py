@@ -14,6 +14,7 @@ from tests.decode.test_verify import chi2_pvalue, resample_from_p_verify
 from tokax.decode import proposers as P
 from tokax.decode.generate import Generator
 from tokax.decode.proposers import kangaroo, specdec_pp
+from tokax.decode.proposers.draft_model import draft_unembed, subset_head_params
 from tokax.decode.proposers.ngram import latest_match
 from tokax.decode.sampling import SamplingParams, process_logits
 from tokax.decode.speculative import SpeculativeGenerator
@@ -23,7 +24,10 @@ from tokax.model.decoder import forward_jit, init_params
 V = 8  # small vocabulary: the sampled distribution is enumerable
 B = 2048  # rows per call; greedy and sampling calls share one compiled program per method
 K = 3
-METHODS = ["draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp"]
+# *_subset: the draft's head covers only SUBSET (q = 0 on the other tokens, as the distilled
+# Gemma draft's frequent-token head); the target's mass there must come from the residual.
+METHODS = ["draft", "draft_subset", "prompt_lookup", "anpd", "kangaroo", "specdec_pp", "specdec_pp_subset"]
+SUBSET = [0, 2, 3, 5, 6]
 SAMPLING = SamplingParams.make(temperature=0.9, top_k=6, top_p=0.95)
 SAMPLE_PROMPT = [3, 5, 2, 7, 3, 5, 2, 6, 3, 5]  # repeats, so n-gram lookups find drafts
 N_SAMPLED = 3  # tokens whose joint distribution is tested (V**3 = 512 cells)
@@ -75,6 +79,9 @@ def generators(target):
             numpy_init(jax.eval_shape(lambda k: kangaroo.init_adapter(cfg, 1, k), jax.random.PRNGKey(0)), seed=3),
         ),
         "specdec_pp": (P.SpecDecPPProposer(cfg=dcfg, k=K, threshold=0.6), {"model": dparams, "head": head}),
+        "draft_subset": (P.DraftModelProposer(dcfg, k=K), subset_head_params(dparams, SUBSET)),
+        "specdec_pp_subset": (P.SpecDecPPProposer(cfg=dcfg, k=K, threshold=0.6),
+                              {"model": subset_head_params(dparams, SUBSET), "head": head}),
     }
     return {m: SpeculativeGenerator(cfg, params, prop, pp, eos_ids=()) for m, (prop, pp) in made.items()}
 
@@ -209,3 +216,16 @@ def test_verify_block_sizes():
     assert verify_block_sizes(3, (4,)) == (4,)
     with pytest.raises(ValueError, match="include k\\+1"):
         verify_block_sizes(3, (1, 2))
+
+
+def test_subset_head_is_the_full_head_conditioned_on_the_subset(target):
+    """q from a subset head = softmax of the full head's logits renormalized over the subset, 0 elsewhere."""
+    dcfg = mc.tiny(vocab_size=V, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, ffn_dim=32)
+    dparams = model_params(dcfg, seed=5)
+    h = jnp.asarray(np.random.RandomState(0).randn(3, 16), jnp.float32)
+    q = np.asarray(jax.nn.softmax(draft_unembed(dcfg, subset_head_params(dparams, SUBSET), h), -1))
+    full = np.asarray(h, np.float64) @ np.asarray(dparams["embed"], np.float64).T
+    want = np.zeros_like(full)
+    e = np.exp(full[:, SUBSET] - full[:, SUBSET].max(-1, keepdims=True))
+    want[:, SUBSET] = e / e.sum(-1, keepdims=True)
+    np.testing.assert_allclose(q, want, atol=1e-6)

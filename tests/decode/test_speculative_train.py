@@ -71,3 +71,34 @@ def test_specdec_head_learns_acceptance(models):
     after = float(loss(trained))
     # The trained head beats every constant predictor: it reads the draft's hidden state.
     assert after < best_constant - 0.01 and after < before
+
+
+def test_specdec_head_loss_on_draft_tokens_only(models):
+    """draft_tokens_only: the BCE averaged over the positions whose next token is the draft's
+    greedy choice (greedy labels [argmax p == x]), recomputed here in numpy from both models."""
+    cfg, params, dcfg, dparams = models
+    sp = SamplingParams.make(temperature=0.0)
+    prop = P.SpecDecPPProposer(cfg=dcfg, k=4)
+    head = specdec_pp.init_head(dcfg.d_model, jax.random.PRNGKey(0), scale=2.0)
+    rs = np.random.RandomState(5)
+    T = 12
+    pos = jnp.broadcast_to(jnp.arange(T), (8, T))
+    q_lg, q_h, _ = forward_jit(dcfg, dparams, jnp.zeros((8, T), jnp.int32), pos)
+    # Sequences that follow the draft's greedy choice about half the time, so both weights occur.
+    toks = np.zeros((8, T), np.int32)
+    toks[:, 0] = rs.randint(0, V, 8)
+    for t in range(1, T):
+        q_lg, q_h, _ = forward_jit(dcfg, dparams, jnp.asarray(toks[:, :t]), pos[:, :t])
+        greedy = np.asarray(jnp.argmax(q_lg[:, -1], -1))
+        toks[:, t] = np.where(rs.rand(8) < 0.5, greedy, rs.randint(0, V, 8))
+    x = jnp.asarray(toks)
+    got = float(specdec_pp.head_loss(prop, cfg, params, {"model": dparams, "head": head}, x, sp,
+                                     reject_weight=2.0, draft_tokens_only=True))
+    p_lg = np.asarray(forward_jit(cfg, params, x, pos)[0], np.float64)
+    q_lg, q_h, _ = (np.asarray(a, np.float64) for a in forward_jit(dcfg, dparams, x, pos))
+    y = (p_lg[:, :-1].argmax(-1) == toks[:, 1:]).astype(np.float64)
+    w = (q_lg[:, :-1].argmax(-1) == toks[:, 1:]).astype(np.float64)
+    z = np.asarray(specdec_pp.acceptance_logit(head, jnp.asarray(q_h[:, 1:], jnp.float32)), np.float64)
+    bce = -(y * -np.logaddexp(0, -z) + 2.0 * (1 - y) * -np.logaddexp(0, z))
+    assert 0 < w.sum() < w.size
+    np.testing.assert_allclose(got, (w * bce).sum() / w.sum(), rtol=1e-5)

@@ -21,6 +21,7 @@ from tests.decode.test_speculative import (
 from tests.decode.test_verify import chi2_pvalue
 from tokax.decode.generate import Generator
 from tokax.decode.proposers import tree_proposers as TP
+from tokax.decode.proposers.blockwise import init_heads
 from tokax.decode.tree import Tree, TreeVerifier, block_mask, block_positions, compact_to_path, tree_depth
 from tokax.decode.tree_speculative import TreeSpeculativeGenerator
 from tokax.model import config as mc
@@ -29,7 +30,7 @@ from tokax.model.decoder import forward, forward_jit
 
 V = 8
 B = 2048  # greedy and sampling calls share one compiled program per method
-METHODS = ["draft_tree", "dyspec", "token_recycling", "spectr"]
+METHODS = ["draft_tree", "dyspec", "token_recycling", "spectr", "medusa"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,8 @@ def generators(target, draft):
         "dyspec": (TP.DySpecProposer(dcfg, n_nodes=8, rounds=3, max_children=3), dparams),
         "token_recycling": (TP.TokenRecyclingProposer(V, k=3, parents=TP.template_from_branching((3, 2, 1))), None),
         "spectr": (TP.SpecTrProposer(dcfg, k=3, length=3), dparams),
+        # Medusa: the blockwise heads' top-k tree from the target's own hidden state (random heads)
+        "medusa": (TP.MedusaTreeProposer(topk=(3, 2, 1)), init_heads(cfg.d_model, 3, jax.random.PRNGKey(3), scale=1.0)),
     }
     return {m: TreeSpeculativeGenerator(cfg, params, prop, pp, eos_ids=()) for m, (prop, pp) in made.items()}
 
@@ -224,7 +227,7 @@ def exact(target):
     return p
 
 
-@pytest.mark.parametrize("method", ["draft_tree", "dyspec", "spectr"])
+@pytest.mark.parametrize("method", ["draft_tree", "dyspec", "spectr", "medusa"])
 def test_sampling_matches_target_distribution(generators, exact, method):
     codes, st = sampled_codes(generators[method], seeds=range(3))
     accepted = sum(s["accepted"] for s in st)
@@ -261,3 +264,22 @@ def test_vocab_mismatch_is_an_error(target):
         TreeSpeculativeGenerator(cfg, params, TP.SpecTrProposer(mc.tiny(vocab_size=V + 1, n_layers=1)), None)
     with pytest.raises(ValueError, match=r"vocab_size=9 differs"):
         TreeSpeculativeGenerator(cfg, params, TP.TokenRecyclingProposer(V + 1), None)
+
+
+def test_medusa_chain_tree_matches_blockwise_chain(target):
+    """Medusa with a one-path tree (top-1 of each head) drafts exactly what the chain blockwise
+    proposer drafts from the same heads, so both accept the same counts: this checks that the
+    tree loop hands the heads the hidden state of the newest accepted token."""
+    from tokax.decode.proposers.blockwise import BlockwiseProposer
+    from tokax.decode.speculative import SpeculativeGenerator
+
+    cfg, params = target
+    heads = init_heads(cfg.d_model, 3, jax.random.PRNGKey(5), scale=0.7)
+    base, budgets = ragged_prompts()
+    tree_gen = TreeSpeculativeGenerator(cfg, params, TP.MedusaTreeProposer(topk=(1, 1, 1)), heads, eos_ids=())
+    chain_gen = SpeculativeGenerator(cfg, params, BlockwiseProposer(k=3, sample_drafts=False), heads, eos_ids=())
+    t_out, t_st = tree_gen.generate(base, budgets)
+    c_out, c_st = chain_gen.generate(base, budgets)
+    assert t_out == c_out
+    assert [s["accepted"] for s in t_st] == [s["accepted"] for s in c_st]
+    assert sum(s["accepted"] for s in t_st) > 0

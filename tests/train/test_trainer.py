@@ -335,3 +335,57 @@ def test_treg_step_uses_contrastive_reference_rewards():
     np.testing.assert_allclose(float(metrics["treg/agreement_chosen"]), np.mean(agree["chosen"]), rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="contrastive_prefixes"):
         StepSpec(model=CFG, loss="treg")
+
+
+def test_distill_with_head_subset_is_the_conditional_kl():
+    """config.head_vocab: the distillation loss is KL(p_T(.|S) || p_S(.|S)) over the head's token
+    subset S, computed here in numpy from independent full-vocabulary forwards of both models,
+    and top1_agree is the fraction of positions where the two argmaxes over S coincide."""
+    from tokax.model.decoder import forward
+    from tokax.train.trainer import make_loss_fn
+
+    teacher_cfg = tiny(vocab_size=64, n_layers=2)
+    params = jax.jit(lambda k: init_params(CFG, k))(jax.random.PRNGKey(1))
+    teacher = jax.jit(lambda k: init_params(teacher_cfg, k))(jax.random.PRNGKey(2))
+    spec = StepSpec(model=CFG, loss="distill", teacher=teacher_cfg)
+    rng = np.random.default_rng(0)
+    ids = np.sort(rng.choice(64, size=20, replace=False)).astype(np.int32)
+    T = 12
+    tokens = rng.integers(0, 64, (2, T)).astype(np.int32)
+    pos = np.tile(np.arange(T, dtype=np.int32), (2, 1))
+    mask = np.ones((2, T), np.float32)
+    mask[1, 8:] = 0.0
+    mb = {"tokens": jnp.asarray(tokens), "positions": jnp.asarray(pos), "segment_ids": None,
+          "targets": jnp.asarray(np.roll(tokens, -1, 1)), "mask": jnp.asarray(mask)}
+    frozen = {"teacher": teacher, "head_ids": jnp.asarray(ids)}
+    loss, (metrics, _, _) = jax.jit(make_loss_fn(spec))(params, frozen, mb, {})
+
+    def sub_logp(cfg, p):
+        lg = np.asarray(forward(cfg, p, jnp.asarray(tokens), jnp.asarray(pos))[0], np.float64)[..., ids]
+        m = lg.max(-1, keepdims=True)
+        return lg - m - np.log(np.exp(lg - m).sum(-1, keepdims=True))
+
+    ls, lt = sub_logp(CFG, params), sub_logp(teacher_cfg, teacher)
+    kl = (np.exp(lt) * (lt - ls)).sum(-1)
+    m = mask.astype(bool)
+    np.testing.assert_allclose(float(loss), kl[m].mean(), rtol=1e-5)
+    agree = (ls.argmax(-1) == lt.argmax(-1))[m].mean()
+    np.testing.assert_allclose(float(metrics["top1_agree"]), agree, atol=1e-6)
+
+
+def test_frequent_token_ids_counts_the_corpus():
+    """The head vocabulary is the n most frequent ids of the corpus (byte tokenizer: a direct count)."""
+    import collections
+
+    tok = D.get_tokenizer("bytes")
+    n = 40
+    ids = D.frequent_token_ids(tok, n, split="eval", max_files=3)
+    counts = collections.Counter()
+    for piece in D.corpus_pieces("eval", max_files=3):
+        counts.update(tok.encode(piece))
+    assert len(ids) == n and list(ids) == sorted(ids)
+    special = {i for i in (tok.bos_id, tok.eos_id) if i is not None}
+    assert special <= set(ids.tolist())
+    threshold = sorted(counts.values(), reverse=True)[n - len(special) - 1]
+    assert all(counts[i] >= threshold for i in ids if i not in special)
+    assert all(counts[i] <= threshold for i in range(tok.vocab_size) if i not in ids)

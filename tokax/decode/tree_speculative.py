@@ -108,7 +108,7 @@ def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, 
     block = jnp.concatenate([last, tree.tokens], axis=1)  # [B, 1+N]
     positions = block_positions(tree, s.seq_len - 1, live)  # [B, 1+N]
     start = s.cache.length
-    p_logits, _, cache = forward(cfg, params, block, positions, s.cache, block_mask=block_mask(tree.parents))
+    p_logits, hidden, cache = forward(cfg, params, block, positions, s.cache, block_mask=block_mask(tree.parents))
     n_acc, path, nxt = verifier(p_logits, tree, sp, k_ver, D)
     n_acc = jnp.where(live, n_acc, 0)
 
@@ -127,6 +127,13 @@ def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, 
     cache = compact_to_path(cache, start, path, n_acc, live)
     if hasattr(proposer, "observe"):
         pstate = proposer.observe(pstate, block, p_logits, positions >= 0)
+    if hasattr(proposer, "observe_tree_hidden"):
+        # The target's state after the newest accepted token: block index 0 (the root) when
+        # nothing was accepted, else 1 + the last node of the accepted path.
+        last_node = jnp.take_along_axis(path, jnp.maximum(n_acc - 1, 0)[:, None], axis=1)[:, 0]
+        at = jnp.where(n_acc > 0, last_node + 1, 0)
+        h_acc = jnp.take_along_axis(hidden, at[:, None, None], axis=1)[:, 0]  # [B, D]
+        pstate = proposer.observe_tree_hidden(pstate, h_acc, live)
     st = s.stats
     li = live.astype(jnp.int32)
     stats = TreeStats(

@@ -11,7 +11,11 @@ import time
 
 from tokax.jobs import check, check_decoding, load_prompts
 
-METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise")
+CHAIN_METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise")
+# Token-tree methods run by the tree loop: name here -> name in tree_proposers.make_tree_proposer.
+TREE_METHODS = {"tree": "draft_tree", "dyspec": "dyspec", "spectr": "spectr", "token_recycling": "token_recycling",
+                "medusa": "medusa"}
+METHODS = CHAIN_METHODS + tuple(TREE_METHODS)
 
 
 def validate(c) -> None:
@@ -23,9 +27,22 @@ def validate(c) -> None:
     check(0 <= c.kangaroo_threshold <= 1, "kangaroo_threshold", c.kangaroo_threshold, "must be in [0, 1]")
     check(0 <= c.specdec_threshold <= 1, "specdec_threshold", c.specdec_threshold, "must be in [0, 1]")
     check(0 < c.specdec_prior < 1, "specdec_prior", c.specdec_prior, "must be in (0, 1)")
-    for key in ("kangaroo_adapter", "specdec_head"):
+    for key in ("kangaroo_adapter", "specdec_head", "blockwise_heads"):
         path = c[key]
+        if key == "specdec_head" and path == "distilled":
+            continue  # the head shipped with the distilled draft (checked when loaded)
         check(not path or os.path.exists(path), key, path, "file does not exist (\"\" for the untrained default)")
+    if c.method in TREE_METHODS:
+        check(len(c.branching) >= 1 and all(b >= 1 for b in c.branching), "branching", c.branching,
+              "needs >= 1 children per depth")
+        check(c.table_k >= max(c.branching), "table_k", c.table_k, f"must be >= max(branching)={max(c.branching)}")
+        check(c.n_nodes >= 1 and c.rounds >= 1 and c.max_children >= 1, "n_nodes", c.n_nodes,
+              "n_nodes, rounds and max_children must be >= 1")
+        check(c.spectr_k >= 1 and c.spectr_length >= 1, "spectr_k", c.spectr_k, "spectr_k and spectr_length must be >= 1")
+        check(len(c.medusa_topk) >= 1 and all(t >= 1 for t in c.medusa_topk), "medusa_topk", c.medusa_topk,
+              "needs one top-k >= 1 per head")
+        check(c.method != "medusa" or bool(c.blockwise_heads), "blockwise_heads", c.blockwise_heads,
+              "method medusa needs trained heads (.npz from experiments/train_gemma_heads.py)")
 
 
 def build_proposer(c, cfg, params):
@@ -34,7 +51,7 @@ def build_proposer(c, cfg, params):
 
     from tokax.decode import proposers as P
     from tokax.decode.proposers import kangaroo, specdec_pp
-    from tokax.decode.proposers.draft_model import truncated_draft
+    from tokax.decode.proposers.distilled import make_draft
 
     if c.method == "prompt_lookup":
         return P.PromptLookupProposer(k=c.k, max_ngram=c.max_ngram, min_ngram=c.min_ngram), None
@@ -57,29 +74,52 @@ def build_proposer(c, cfg, params):
         else:
             adapter = kangaroo.init_adapter(cfg, c.kangaroo_layers, jax.random.PRNGKey(c.seed), identity=True)
         return prop, adapter
-    check(1 <= c.draft_layers < cfg.n_layers, "draft_layers", c.draft_layers, f"must be in [1, {cfg.n_layers - 1}]")
-    dcfg, dparams = truncated_draft(cfg, params, c.draft_layers)
+    if c.draft == "truncated":
+        check(1 <= c.draft_layers < cfg.n_layers, "draft_layers", c.draft_layers, f"must be in [1, {cfg.n_layers - 1}]")
+    dcfg, dparams = make_draft(cfg, params, c.draft, c.draft_layers)
     if c.method == "draft":
         return P.DraftModelProposer(dcfg, k=c.k), dparams
     prop = P.SpecDecPPProposer(cfg=dcfg, k=c.k, threshold=c.specdec_threshold)
-    if c.specdec_head:
+    if c.specdec_head == "distilled":  # trained by experiments/train_specdec_head.py on the shipped draft
+        from tokax.decode.proposers.distilled import DEFAULT_DRAFT_DIR
+
+        path = DEFAULT_DRAFT_DIR / "specdec_head.npz"
+        check(c.draft == "distilled", "specdec_head", c.specdec_head,
+              f"the shipped head belongs to the shipped draft (draft='distilled'), not draft={c.draft!r}")
+        check(path.exists(), "specdec_head", c.specdec_head, f"{path} is missing; run experiments/train_specdec_head.py")
+        head = P.load_params(str(path))
+    elif c.specdec_head:
         head = P.load_params(c.specdec_head)
     else:
         head = specdec_pp.init_head(dcfg.d_model, jax.random.PRNGKey(c.seed), prior=c.specdec_prior)
     return prop, {"model": dparams, "head": head}
 
 
-def run(c) -> list[dict]:
-    """Speculative decoding of every prompt in ``c.prompts_file``."""
+def make_generator(c, cfg, params, tok=None, **kw):
+    """The generator for ``c.method``: ``SpeculativeGenerator`` (chain methods) or
+    ``TreeSpeculativeGenerator`` (token-tree methods); ``kw`` go to its constructor."""
+    if c.method in TREE_METHODS:
+        from tokax.decode import proposers as P
+        from tokax.decode.proposers.tree_proposers import make_tree_proposer
+        from tokax.decode.tree_speculative import TreeSpeculativeGenerator
+
+        heads = P.load_params(c.blockwise_heads) if c.method == "medusa" else None
+        prop, pparams = make_tree_proposer(
+            TREE_METHODS[c.method], cfg, params, draft=c.draft, draft_layers=c.draft_layers,
+            branching=tuple(c.branching), n_nodes=c.n_nodes, rounds=c.rounds, max_children=c.max_children,
+            table_k=c.table_k, spectr_k=c.spectr_k, spectr_length=c.spectr_length,
+            medusa_topk=tuple(c.medusa_topk), medusa_heads=heads)
+        return TreeSpeculativeGenerator(cfg, params, prop, pparams, tok, **kw)
     from tokax.decode.speculative import SpeculativeGenerator
 
+    proposer, pparams = build_proposer(c, cfg, params)
+    return SpeculativeGenerator(cfg, params, proposer, pparams, tok, **kw)
+
+
+def run(c) -> list[dict]:
+    """Speculative decoding of every prompt in ``c.prompts_file`` (chain or tree method)."""
     validate(c)
-
-    def make_generator(cfg, params, tok):
-        proposer, pparams = build_proposer(c, cfg, params)
-        return SpeculativeGenerator(cfg, params, proposer, pparams, tok)
-
-    return decode_prompts(c, make_generator)
+    return decode_prompts(c, lambda cfg, params, tok: make_generator(c, cfg, params, tok))
 
 
 def decode_prompts(c, make_generator) -> list[dict]:
@@ -135,7 +175,6 @@ def compare_methods(c, methods, cfg, params, tok, prompts, pad_to, plain_rows, t
     from tqdm.auto import tqdm
 
     from tokax.decode.sampling import SamplingParams
-    from tokax.decode.speculative import SpeculativeGenerator
 
     if c.temperature != 0:
         print("compare_methods: skipped (the comparison is greedy; set temperature=0)", file=sys.stderr)
@@ -152,8 +191,7 @@ def compare_methods(c, methods, cfg, params, tok, prompts, pad_to, plain_rows, t
         check(m in METHODS, "compare_methods", m, f"use names from {', '.join(METHODS)}")
         mc = spec_config.get_config(m)
         mc.k = int(c.get("k", mc.k))
-        prop, pparams = build_proposer(mc, cfg, params)
-        gen = SpeculativeGenerator(cfg, params, prop, pparams, tok)
+        gen = make_generator(mc, cfg, params, tok)
         gen.generate([prompts[0]], c.max_new_tokens, sp, pad_to=pad_to)  # compile outside the timing
         dt, n, passes, same = 0.0, 0, 0, 0
         for p, ref in zip(tqdm(prompts, desc=m, unit="prompt", disable=quiet), plain_rows):

@@ -30,7 +30,7 @@ def run(c) -> list[dict]:
 
     def make_generator(cfg, params, tok):
         prop, pparams = make_tree_proposer(
-            c.method, cfg, params, draft_layers=c.draft_layers, branching=tuple(c.branching), n_nodes=c.n_nodes,
+            c.method, cfg, params, draft=c.draft, draft_layers=c.draft_layers, branching=tuple(c.branching), n_nodes=c.n_nodes,
             rounds=c.rounds, max_children=c.max_children, table_k=c.table_k, spectr_k=c.spectr_k,
             spectr_length=c.spectr_length)
         return TreeSpeculativeGenerator(cfg, params, prop, pparams, tok)

@@ -172,6 +172,9 @@ def get_tokenizer(kind: str, vocab_size: int = 1024, cache_dir: str | None = Non
 # ----------------------------------------------------------------------------
 
 _EXCLUDE_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+# Generated files that are not Python source. pydoc_data/topics.py (the reference manual as a dict of
+# strings) is also where benchmarks/speculative.py takes its prose prompts: kept out of every split.
+_EXCLUDE_FILES = {os.path.join("pydoc_data", "topics.py")}
 
 
 def stdlib_root() -> str:
@@ -186,8 +189,8 @@ def split_of(relpath: str, eval_percent: int = 5) -> str:
 def stdlib_files(split: str = "train", eval_percent: int = 5, root: str | None = None) -> list[str]:
     """Sorted paths of the standard library's ``.py`` source files in ``split``.
 
-    Test suites, site-packages and machine-generated files (``_sysconfigdata*``)
-    are left out; the split is by path hash so it does not depend on which
+    Test suites, site-packages and machine-generated files (``_sysconfigdata*``,
+    ``pydoc_data/topics.py``) are left out; the split is by path hash so it does not depend on which
     other files a Python build ships.
     """
     if split not in ("train", "eval", "all"):
@@ -201,6 +204,8 @@ def stdlib_files(split: str = "train", eval_percent: int = 5, root: str | None =
                 continue
             full = os.path.join(dirpath, fn)
             rel = os.path.relpath(full, root)
+            if rel in _EXCLUDE_FILES:
+                continue
             if split == "all" or split_of(rel, eval_percent) == split:
                 out.append(full)
     return sorted(out)
@@ -241,6 +246,24 @@ def corpus_pieces(split: str = "train", target_chars: int = 2000, max_files: int
     if not out:
         raise ValueError(f"the stdlib corpus split {split!r} is empty (stdlib at {stdlib_root()})")
     return out
+
+
+def frequent_token_ids(tok: Any, n: int, split: str = "train", max_files: int | None = None) -> np.ndarray:
+    """The ``n`` most frequent token ids of the stdlib corpus ``split`` under
+    ``tok`` (ties broken by id), sorted by id: the vocabulary of a draft head
+    over a frequent-token subset. BOS/EOS are always included, since a draft
+    must be able to end a sequence the way its target does."""
+    vocab = int(tok.vocab_size)
+    if not 1 <= n <= vocab:
+        raise ValueError(f"head vocabulary n={n} must be in [1, {vocab}] (the tokenizer's vocabulary)")
+    counts = np.zeros(vocab, np.int64)
+    for piece in corpus_pieces(split, max_files=max_files):
+        counts += np.bincount(np.asarray(tok.encode(piece), np.int64), minlength=vocab)[:vocab]
+    for special in (getattr(tok, "bos_id", None), getattr(tok, "eos_id", None)):
+        if special is not None and 0 <= int(special) < vocab:
+            counts[int(special)] = counts.max() + 1
+    order = np.lexsort((np.arange(vocab), -counts))  # most frequent first, then lower id
+    return np.sort(order[:n]).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------

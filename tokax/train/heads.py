@@ -22,7 +22,10 @@ Vocabulary: with ``cand`` ids the softmax runs over ``E[cand]`` only (a
 sampled softmax with the batch's labels plus extra negatives), which makes
 a 262k-token vocabulary trainable on CPU; without, over the full vocabulary
 (chunked with ``tokax.train.logprobs`` when ``chunk_size`` is set).
-Accuracy is always measured with the full-vocabulary argmax.
+Accuracy is measured with the full-vocabulary argmax. ``head_vocab`` > 0
+(config) instead fixes the vocabulary to the most frequent corpus tokens:
+full softmax over that subset in training, accuracy over it, and the saved
+heads carry ``head_ids`` so that decoding drafts from the same subset.
 
 ``run(config, head_fn)`` trains from ``configs/blockwise.py``.
 """
@@ -148,6 +151,14 @@ def target_hidden(cfg: ModelConfig, tparams: Params, tokens: np.ndarray, rows: i
         if progress is not None:
             progress(min(s + rows, tokens.shape[0]), tokens.shape[0])
     return np.concatenate(hs), np.concatenate(gs)
+
+
+def to_subset(labels: np.ndarray, ids: np.ndarray, outside: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids -> indices into the sorted id subset ``ids``, and whether each id is in it
+    (ids outside get index ``outside``)."""
+    idx = np.clip(np.searchsorted(ids, labels), 0, len(ids) - 1)
+    inside = ids[idx] == labels
+    return np.where(inside, idx, outside).astype(np.int32), inside
 
 
 def restrict_vocab(labels: np.ndarray, size: int, negatives: np.ndarray, vocab: int,
@@ -306,6 +317,19 @@ def run(c, head_fn: HeadFn, init_fn: Callable[[int, int, jax.Array], Params], lo
     lab_ev_g, ok_ev_g = shift_ahead(g_ev, k, 0)
     lab_ev_d, ok_ev_d = shift_ahead(eval_tok, k, 1)
     embed = jnp.asarray(tparams["embed"])
+    head_ids = None
+    if int(c.get("head_vocab", 0) or 0):
+        # Heads over a fixed frequent-token subset S (full softmax over S; the decoder restricts
+        # drafts to S too): no sampled-softmax drift, and 1/16 of the unembedding's cost.
+        from tokax.train.data import frequent_token_ids
+
+        head_ids = frequent_token_ids(tok, int(c.head_vocab), "train", max_files=c.max_files or None)
+        embed = embed[jnp.asarray(head_ids)]
+        lab_tr, inside = to_subset(lab_tr, head_ids)
+        ok_tr = ok_tr & inside
+        lab_ev_g, _ = to_subset(lab_ev_g, head_ids, outside=-1)  # a label outside S counts as a miss
+        lab_ev_d, _ = to_subset(lab_ev_d, head_ids, outside=-1)
+        say(event="head_vocab", size=int(len(head_ids)), train_labels_in_subset=round(float(inside.mean()), 4))
     hparams = init_fn(cfg.d_model, k, jax.random.PRNGKey(c.seed))
     acc0 = head_accuracy(head_fn, hparams, h_ev, embed, lab_ev_g, ok_ev_g)
     say(event="eval", step=0, acc_vs_greedy=acc0.round(4).tolist())
@@ -318,7 +342,7 @@ def run(c, head_fn: HeadFn, init_fn: Callable[[int, int, jax.Array], Params], lo
         for _ in range(c.steps):
             idx = rng.choice(h_tr.shape[0], size=c.batch_size, replace=False)
             b = {"hidden": h_tr[idx], "labels": lab_tr[idx], "valid": ok_tr[idx]}
-            if c.cand_size and c.cand_size < cfg.vocab_size:
+            if head_ids is None and c.cand_size and c.cand_size < cfg.vocab_size:
                 b["cand"], b["labels"] = restrict_vocab(b["labels"], c.cand_size, negatives, cfg.vocab_size, rng)
             yield b
 
@@ -333,6 +357,8 @@ def run(c, head_fn: HeadFn, init_fn: Callable[[int, int, jax.Array], Params], lo
     acc_d = head_accuracy(head_fn, hparams, h_ev, embed, lab_ev_d, ok_ev_d)
     # Reference point: how often the target's greedy token is the data token (head 0 would be the target itself).
     base = float((g_ev[:, :-1] == eval_tok[:, 1:]).mean())
+    if head_ids is not None:
+        hparams = dict(hparams, head_ids=jnp.asarray(head_ids, jnp.int32))
     summary = {"event": "done", "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
                "acc_vs_greedy_before": acc0.round(4).tolist(), "acc_vs_greedy": acc.round(4).tolist(),
                "acc_vs_data": acc_d.round(4).tolist(), "target_greedy_vs_data": round(base, 4)}

@@ -222,16 +222,29 @@ def make_loss_fn(spec: StepSpec, mesh=None, rules=()) -> Callable:
         params = _policy(spec, trainable, frozen)
         h = _hidden(cfg, params, mb["tokens"], mb["positions"], mb["segment_ids"], mesh, rules)
         mask = mb["mask"]
+        ids = frozen.get("head_ids")  # distillation into a frequent-token draft head (config.head_vocab)
         if spec.loss == "sft":
             lp, lse = lp_of(params, h, mb["targets"], return_lse=True)
             batch = TokenBatch(mask=mask, token_logps=lp, lse=lse)
         else:  # distill: KL(teacher || student) per position
             t = frozen["teacher"]
             th = jax.lax.stop_gradient(_hidden(spec.teacher, t, mb["tokens"], mb["positions"], mb["segment_ids"], mesh, rules))
-            kl = token_kl(h, params["embed"], th, jax.lax.stop_gradient(t["embed"]), chunk_size=chunk)
+            emb, t_emb = params["embed"], jax.lax.stop_gradient(t["embed"])
+            if ids is not None:
+                # Draft head over a frequent-token subset S: both distributions are taken
+                # conditional on S (the draft can only ever propose tokens of S).
+                emb, t_emb = jnp.take(emb, ids, axis=0), jnp.take(t_emb, ids, axis=0)
+            kl = token_kl(h, emb, th, t_emb, chunk_size=chunk)
             lp = lp_of(params, h, mb["targets"]) if kw.get("sft_weight") else None
             batch = TokenBatch(mask=mask, token_logps=lp, token_kl=kl)
         loss, metrics = fn(batch, **kw)
+        if spec.loss == "distill" and ids is not None:
+            # Greedy agreement on S: the fraction of positions where a greedy draft would be accepted
+            # (when the teacher's argmax lies in S). Cheap here: |S| logits per position.
+            s_top = jnp.argmax(jnp.einsum("btd,vd->btv", h, emb.astype(h.dtype)), -1)
+            t_top = jnp.argmax(jnp.einsum("btd,vd->btv", th, t_emb.astype(th.dtype)), -1)
+            agree = jnp.sum(jnp.where(mask, s_top == t_top, False)) / jnp.maximum(jnp.sum(mask), 1)
+            metrics = dict(metrics, top1_agree=jax.lax.stop_gradient(agree.astype(jnp.float32)))
         return loss, (metrics, jnp.sum(mask).astype(jnp.float32), loss_state)
 
     def contrastive_logps(ref, tokens, targets, positions, prefix):
@@ -793,6 +806,21 @@ def run(config: Any, *, on_step: Callable[[int, dict[str, float]], None] | None 
             frozen["ref"] = jax.tree.map(lambda x: x.copy(), base)  # fixed at the initial params
     if teacher is not None:
         frozen["teacher"] = teacher
+    head_vocab = int(_get(config, "head_vocab", 0) or 0)
+    if head_vocab:
+        if loss_name != "distill":
+            raise ValueError(f"config.head_vocab={head_vocab} is a distillation option (a draft head over the "
+                             f"most frequent tokens); loss={loss_name!r} does not use it")
+        ids_path = os.path.join(workdir, "head_ids.npy")
+        if os.path.exists(ids_path):  # resume: the same subset the checkpoint was trained on
+            ids = np.load(ids_path)
+        else:
+            ids = data_lib.frequent_token_ids(tok, head_vocab, split="train", max_files=int(_get(dc, "max_files", 0)))
+            os.makedirs(workdir, exist_ok=True)
+            np.save(ids_path, ids)
+        if len(ids) != head_vocab:
+            raise ValueError(f"{ids_path} holds {len(ids)} ids, config.head_vocab={head_vocab}; use a fresh workdir")
+        frozen["head_ids"] = jnp.asarray(ids, jnp.int32)
 
     tx, schedule = build_optimizer(config.optimizer, total_steps)
     param_sh = shd.param_shardings(trainable, mesh, rules)
@@ -804,7 +832,8 @@ def run(config: Any, *, on_step: Callable[[int, dict[str, float]], None] | None 
         "opt_state": shd.opt_state_shardings(state_shapes["opt_state"], trainable, param_sh, mesh),
         "loss_state": jax.tree.map(lambda _: rep, state_shapes["loss_state"]), "nonfinite": rep,
     }
-    frozen_sh = {k: shd.param_shardings(v, mesh, rules) for k, v in frozen.items()}
+    frozen_sh = {k: shd.replicated(mesh) if k == "head_ids" else shd.param_shardings(v, mesh, rules)
+                 for k, v in frozen.items()}
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(_get(config, "keep_checkpoints", 2)),
                         async_save=bool(_get(config, "async_checkpoint", True)))

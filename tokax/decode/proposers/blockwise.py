@@ -48,6 +48,7 @@ import numpy as np
 from flax import struct
 
 from tokax.decode.proposers import Context, Proposal
+from tokax.decode.proposers.draft_model import NEG_LOGIT
 from tokax.decode.sampling import SamplingParams, sample
 
 Params = Any
@@ -79,9 +80,22 @@ def apply_heads(hparams: Params, hidden: jax.Array) -> jax.Array:
 def head_logits(hparams: Params, embed: jax.Array, hidden: jax.Array) -> jax.Array:
     """Draft logits of every head: ``hidden [..., D]`` -> ``[..., k, V]`` float32,
     head ``i`` (0-based) predicting the token ``i + 2`` positions after the
-    token that produced ``hidden``."""
+    token that produced ``hidden``. Heads trained over a token subset
+    (``hparams["head_ids"]``, ``configs/blockwise.py`` ``head_vocab``) score
+    only it; the other tokens get q = 0 (exact under speculative sampling)."""
     f = apply_heads(hparams, hidden)
-    return jnp.einsum("...kd,vd->...kv", f.astype(embed.dtype), embed, preferred_element_type=jnp.float32)
+    if "head_ids" not in hparams:
+        return jnp.einsum("...kd,vd->...kv", f.astype(embed.dtype), embed, preferred_element_type=jnp.float32)
+    ids = hparams["head_ids"]
+    sub = jnp.einsum("...kd,sd->...ks", f.astype(embed.dtype), jnp.take(embed, ids, axis=0),
+                     preferred_element_type=jnp.float32)
+    full = jnp.full((*sub.shape[:-1], embed.shape[0]), NEG_LOGIT, jnp.float32)
+    return full.at[..., ids].set(sub)
+
+
+def first_heads(hparams: Params, k: int) -> Params:
+    """The first ``k`` heads (``w``, ``b``; a token subset is shared by all heads)."""
+    return {name: (a if name == "head_ids" else a[:k]) for name, a in hparams.items()}
 
 
 @struct.dataclass
@@ -124,7 +138,7 @@ class BlockwiseProposer:
         return BlockwiseState(hidden=jnp.zeros((B, D), jnp.float32), ready=jnp.zeros((B,), bool))
 
     def propose(self, tparams, pparams, st: BlockwiseState, ctx: Context, sp: SamplingParams, rng):
-        heads = jax.tree_util.tree_map(lambda a: a[: self.k], pparams)
+        heads = first_heads(pparams, self.k)
         logits = head_logits(heads, tparams["embed"], st.hidden)  # [B, K, V]
         if self.sample_drafts:
             tokens = sample(rng, logits, sp)  # [B, K]: argmax at temperature 0, else x_i ~ q_i
@@ -190,7 +204,7 @@ def head_topk_tree(hparams: Params, embed: jax.Array, hidden: jax.Array, topk: t
     k = len(topk)
     if hparams["w"].shape[0] < k:
         raise ValueError(f"head_topk_tree: {k} levels need {k} heads, got {hparams['w'].shape[0]}")
-    heads = jax.tree_util.tree_map(lambda a: a[:k], hparams)
+    heads = first_heads(hparams, k)
     logits = head_logits(heads, embed, hidden)  # [B, k, V]
     kmax = max(int(t) for t in topk)
     _, top = jax.lax.top_k(logits, kmax)  # [B, k, kmax], best first

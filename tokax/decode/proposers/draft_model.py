@@ -37,6 +37,46 @@ from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params, forward, unembed
 
 
+# Logit of the tokens outside a subset head: exp(NEG - max) is exactly 0 in float32, so q = 0
+# there, without the inf - inf = nan that -inf could produce in downstream arithmetic.
+NEG_LOGIT = -1e30
+
+
+def is_subset_head(p: Any) -> bool:
+    """Whether draft params ``p`` carry a head over a token subset
+    (``subset_head_params``) instead of the tied full-vocabulary head."""
+    return isinstance(p, dict) and "head_ids" in p
+
+
+def subset_head_params(decoder_params: Params, head_ids: jax.Array) -> dict:
+    """Draft params whose output head covers only ``head_ids [S]`` (sorted,
+    distinct): their rows of the tied embedding, gathered once here so that a
+    draft step costs ``S`` instead of ``V`` dot products. The draft's
+    distribution is the full head's conditioned on the subset, q(v) = 0 for
+    v outside it; speculative sampling stays exact for any q."""
+    ids = jnp.asarray(head_ids, jnp.int32)
+    return {"decoder": decoder_params, "head_ids": ids, "head_w": jnp.take(decoder_params["embed"], ids, axis=0)}
+
+
+def decoder_of(p: Any) -> Params:
+    return p["decoder"] if is_subset_head(p) else p
+
+
+def draft_unembed(cfg: ModelConfig, p: Any, hidden: jax.Array) -> jax.Array:
+    """Draft logits ``[..., V]`` float32 from final-normed ``hidden [..., D]``."""
+    if not is_subset_head(p):
+        return unembed(cfg, p, hidden)
+    sub = jnp.einsum("...d,sd->...s", hidden, p["head_w"].astype(hidden.dtype), preferred_element_type=jnp.float32)
+    full = jnp.full((*hidden.shape[:-1], cfg.vocab_size), NEG_LOGIT, jnp.float32)
+    return full.at[..., p["head_ids"]].set(sub)
+
+
+def draft_forward(cfg: ModelConfig, p: Any, tokens, positions, cache=None, block_mask=None, return_logits=True):
+    """``forward`` for draft params with either head: ``(logits or None, hidden, cache)``."""
+    _, hidden, cache = forward(cfg, decoder_of(p), tokens, positions, cache, block_mask, return_logits=False)
+    return (draft_unembed(cfg, p, hidden) if return_logits else None), hidden, cache
+
+
 @struct.dataclass
 class DraftState:
     cache: kvc.KVCache  # the draft's own cache
@@ -90,8 +130,8 @@ class DraftModelProposer:
         cache = kvc.init_cache(self.cfg, B, cache_len)
         ar = jnp.arange(P, dtype=jnp.int32)[None, :]
         positions = jnp.where(ar < (prompt_len - 2)[:, None], ar, -1)
-        _, _, cache = forward(self.cfg, self.draft_params(tparams, pparams), prompt, positions, cache,
-                              return_logits=False)
+        _, _, cache = draft_forward(self.cfg, self.draft_params(tparams, pparams), prompt, positions, cache,
+                                    return_logits=False)
         return DraftState(cache=cache, start=cache.length)
 
     def propose(self, tparams, pparams, st: DraftState, ctx: Context, sp: SamplingParams, rng: jax.Array):
@@ -109,8 +149,8 @@ class DraftModelProposer:
 
         toks = jnp.stack([seq_at(prev_i), seq_at(last_i)], axis=1)  # [B, 2]
         pos = jnp.stack([jnp.where(live & (prev_i >= 0), prev_i, -1), jnp.where(live, last_i, -1)], axis=1)
-        _, hidden, cache = forward(cfg, dp, toks, pos, st.cache, return_logits=False)
-        q1 = unembed(cfg, dp, hidden[:, 1])  # only the newest token's logits are needed
+        _, hidden, cache = draft_forward(cfg, dp, toks, pos, st.cache, return_logits=False)
+        q1 = draft_unembed(cfg, dp, hidden[:, 1])  # only the newest token's logits are needed
         keys = jax.random.split(rng, K)
 
         def draw(i, q, drafts, qlog, n, active):
@@ -136,7 +176,7 @@ class DraftModelProposer:
             i, drafts, qlog, n, active, score, cache = c
             d_prev = jnp.take_along_axis(drafts, (i - 1) * jnp.ones((B, 1), jnp.int32), axis=1)  # [B, 1]
             p = jnp.where(active, last_i + i, -1)[:, None]
-            lg, hid, cache = forward(cfg, dp, d_prev, p, cache)
+            lg, hid, cache = draft_forward(cfg, dp, d_prev, p, cache)
             ok, score = self.continue_before(pparams, hid[:, 0], score)
             active = active & ok
             drafts, qlog, n, active = draw(i, lg[:, 0], drafts, qlog, n, active)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tokax.decode.proposers.draft_model import DraftModelProposer
+from tokax.decode.proposers.draft_model import DraftModelProposer, draft_forward
 from tokax.decode.sampling import SamplingParams, process_logits
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params, forward
@@ -93,19 +93,27 @@ def acceptance_targets(p_logits: jax.Array, q_logits: jax.Array, tokens: jax.Arr
 
 
 def head_loss(proposer: SpecDecPPProposer, target_cfg: ModelConfig, tparams: Params, pparams: Any,
-              tokens: jax.Array, sp: SamplingParams, reject_weight: float = 1.0) -> jax.Array:
+              tokens: jax.Array, sp: SamplingParams, reject_weight: float = 1.0,
+              draft_tokens_only: bool = False) -> jax.Array:
     """Weighted BCE of the head on teacher-forced ``tokens [B, T]``: label
     ``y`` = acceptance probability of token t, input = the draft's hidden
     state at t; ``-(y log a + w (1 - y) log(1 - a))`` (the paper up-weights
-    rejections with ``w``)."""
+    rejections with ``w``). ``draft_tokens_only``: average only over the
+    positions whose token is the draft's own greedy choice there, the tokens
+    a greedy draft would actually propose (the paper trains on text the
+    draft generated; this is its teacher-forced stand-in)."""
     B, T = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     frozen = jax.lax.stop_gradient
     p_logits, _, _ = forward(target_cfg, frozen(tparams), tokens, pos)
-    q_logits, q_hidden, _ = forward(proposer.cfg, frozen(pparams["model"]), tokens, pos)
+    q_logits, q_hidden, _ = draft_forward(proposer.cfg, frozen(pparams["model"]), tokens, pos)
     y = acceptance_targets(p_logits[:, :-1], q_logits[:, :-1], tokens, sp)  # [B, T-1]
     z = acceptance_logit(pparams["head"], q_hidden[:, 1:])
-    return jnp.mean(-(y * jax.nn.log_sigmoid(z) + reject_weight * (1.0 - y) * jax.nn.log_sigmoid(-z)))
+    bce = -(y * jax.nn.log_sigmoid(z) + reject_weight * (1.0 - y) * jax.nn.log_sigmoid(-z))
+    if not draft_tokens_only:
+        return jnp.mean(bce)
+    w = (jnp.argmax(q_logits[:, :-1], -1) == tokens[:, 1:]).astype(jnp.float32)
+    return jnp.sum(w * bce) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def train_head(
@@ -117,6 +125,7 @@ def train_head(
     sp: SamplingParams,
     learning_rate: float = 1e-3,
     reject_weight: float = 1.0,
+    draft_tokens_only: bool = False,
 ) -> tuple[Any, list[float]]:
     """Fit ``pparams["head"]`` with Adam on token batches ``[B, T]`` (ideally
     text drafted by the draft itself, as in the paper); returns the updated
@@ -127,7 +136,8 @@ def train_head(
     @jax.jit
     def step(head, state, tokens, tparams, model):
         def loss_fn(h):
-            return head_loss(proposer, target_cfg, tparams, {"model": model, "head": h}, tokens, sp, reject_weight)
+            return head_loss(proposer, target_cfg, tparams, {"model": model, "head": h}, tokens, sp, reject_weight,
+                             draft_tokens_only)
 
         loss, g = jax.value_and_grad(loss_fn)(head)
         upd, state = opt.update(g, state, head)

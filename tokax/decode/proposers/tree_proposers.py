@@ -45,12 +45,11 @@ import numpy as np
 from flax import struct
 
 from tokax.decode.proposers import Context
-from tokax.decode.proposers.draft_model import check_vocab
+from tokax.decode.proposers.draft_model import check_vocab, draft_forward, draft_unembed
 from tokax.decode.sampling import SamplingParams, process_logits
 from tokax.decode.tree import SpecTrVerifier, Tree, TreeVerifier, ancestor_mask, tree_depth
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
-from tokax.model.decoder import forward, unembed
 
 
 # ----------------------------------------------------------------------------
@@ -113,7 +112,7 @@ def draft_init(cfg: ModelConfig, dparams, prompt: jax.Array, prompt_len: jax.Arr
     cache = kvc.init_cache(cfg, B, cache_len)
     ar = jnp.arange(P, dtype=jnp.int32)[None, :]
     positions = jnp.where(ar < (prompt_len - 1)[:, None], ar, -1)
-    _, _, cache = forward(cfg, dparams, prompt, positions, cache, return_logits=False)
+    _, _, cache = draft_forward(cfg, dparams, prompt, positions, cache, return_logits=False)
     return DraftTreeState(cache=cache, n_cached=(prompt_len - 1).astype(jnp.int32))
 
 
@@ -128,11 +127,11 @@ def draft_catch_up(cfg: ModelConfig, dparams, st: DraftTreeState, ctx: Context, 
     toks = jnp.take_along_axis(ctx.seq, jnp.clip(idx, 0, S - 1), axis=1)
     pos = jnp.where(j < c[:, None], idx, -1)
     start = st.cache.length
-    _, hidden, cache = forward(cfg, dparams, toks, pos, st.cache, return_logits=False)
+    _, hidden, cache = draft_forward(cfg, dparams, toks, pos, st.cache, return_logits=False)
     h = jnp.take_along_axis(hidden, jnp.maximum(c - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
     cache = kvc.rollback(cache, start + c)  # drop the padding slots
     n_cached = jnp.where(ctx.live, ctx.seq_len, st.n_cached)
-    return unembed(cfg, dparams, h), DraftTreeState(cache=cache, n_cached=n_cached)
+    return draft_unembed(cfg, dparams, h), DraftTreeState(cache=cache, n_cached=n_cached)
 
 
 def draft_tree_logits(cfg: ModelConfig, dparams, cache: kvc.KVCache, tokens, parents, valid, root_pos) -> jax.Array:
@@ -140,7 +139,7 @@ def draft_tree_logits(cfg: ModelConfig, dparams, cache: kvc.KVCache, tokens, par
     the cache written by this pass is discarded."""
     depth = tree_depth(parents)
     pos = jnp.where(valid, root_pos[:, None] + depth, -1)
-    logits, _, _ = forward(cfg, dparams, tokens, pos, cache, block_mask=ancestor_mask(parents))
+    logits, _, _ = draft_forward(cfg, dparams, tokens, pos, cache, block_mask=ancestor_mask(parents))
     return logits
 
 
@@ -483,27 +482,98 @@ class SpecTrProposer(_DraftBase):
 # ----------------------------------------------------------------------------
 # Factory (what a job calls with a config's fields).
 
-TREE_METHODS = ("draft_tree", "dyspec", "token_recycling", "spectr")
+# ----------------------------------------------------------------------------
+# Medusa: the cartesian top-k tree of blockwise heads on the target's own hidden state.
 
 
-def make_tree_proposer(method: str, target_cfg: ModelConfig, target_params: Any, *, draft_layers: int = 4,
+@struct.dataclass
+class MedusaState:
+    hidden: jax.Array  # [B, D] target hidden state after the newest accepted token
+    ready: jax.Array  # [B] bool: hidden is set (false before the first verify pass)
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaTreeProposer:
+    """Medusa-style tree (Cai et al. 2024) from the blockwise heads
+    (``tokax.decode.proposers.blockwise``, ``pparams`` = trained heads): node
+    ``(c_1..c_d)`` is the ``c_d``-th best token of head ``d``
+    (``head_topk_tree``). The heads read the target's hidden state at the
+    newest accepted token, which the tree loop hands over after each verify
+    pass (``observe_tree_hidden``), so drafting costs no extra target pass;
+    the first round has no state and sends an empty tree. The nodes are
+    deterministic given that state (q one-hot on each node), so the greedy
+    and recursive-rejection verifiers keep the target's distribution."""
+
+    topk: tuple[int, ...] = (3, 2, 1)
+
+    def __post_init__(self):
+        from tokax.decode.proposers.blockwise import tree_structure
+
+        tree_structure(tuple(self.topk))  # validates topk
+
+    @property
+    def n_nodes(self) -> int:
+        from tokax.decode.proposers.blockwise import tree_structure
+
+        return len(tree_structure(tuple(self.topk))[0])
+
+    @property
+    def max_depth(self) -> int:
+        return len(self.topk)
+
+    def check(self, target_cfg: ModelConfig) -> None:
+        pass  # the heads use the target's own embedding
+
+    def verifier(self):
+        return TreeVerifier()
+
+    def init(self, tparams, pparams, prompt, prompt_len, cache_len: int) -> MedusaState:
+        if pparams is None or pparams["w"].shape[0] < len(self.topk):
+            have = None if pparams is None else pparams["w"].shape[0]
+            raise ValueError(f"medusa topk={self.topk} needs {len(self.topk)} heads, got {have}")
+        B, D = prompt.shape[0], tparams["embed"].shape[1]
+        return MedusaState(hidden=jnp.zeros((B, D), jnp.float32), ready=jnp.zeros((B,), bool))
+
+    def propose(self, tparams, pparams, st: MedusaState, ctx: Context, sp, rng):
+        from tokax.decode.proposers.blockwise import head_topk_tree
+
+        ht = head_topk_tree(pparams, tparams["embed"], st.hidden, tuple(self.topk))
+        B, N = ht.tokens.shape
+        parents = jnp.broadcast_to(jnp.asarray(ht.parents, jnp.int32), (B, N))
+        valid = jnp.broadcast_to((st.ready & ctx.live)[:, None], (B, N))
+        return Tree(tokens=ht.tokens, parents=parents, valid=valid), st
+
+    def observe_tree_hidden(self, st: MedusaState, hidden: jax.Array, live: jax.Array) -> MedusaState:
+        return MedusaState(hidden=jnp.where(live[:, None], hidden.astype(jnp.float32), st.hidden),
+                           ready=st.ready | live)
+
+
+TREE_METHODS = ("draft_tree", "dyspec", "token_recycling", "spectr", "medusa")
+
+
+def make_tree_proposer(method: str, target_cfg: ModelConfig, target_params: Any, *, draft: str = "truncated",
+                       draft_layers: int = 4,
                        branching: tuple[int, ...] = (3, 2, 1), n_nodes: int = 12, rounds: int = 4,
                        max_children: int = 4, table_k: int = 4, spectr_k: int = 3,
-                       spectr_length: int = 4) -> tuple[Any, Any]:
+                       spectr_length: int = 4, medusa_topk: tuple[int, ...] = (3, 2, 1),
+                       medusa_heads: Any = None) -> tuple[Any, Any]:
     """(proposer, its params) for ``method`` on a target. Draft-model methods
-    use the target's first ``draft_layers`` layers + final norm + LM head
-    (``truncated_draft``) until a distilled draft exists."""
-    from tokax.decode.proposers.draft_model import truncated_draft
+    use ``draft`` (``tokax.decode.proposers.distilled.make_draft``: the
+    shipped distilled Gemma draft, or the target's first ``draft_layers``
+    layers as an untrained baseline)."""
+    from tokax.decode.proposers.distilled import make_draft
 
     if method not in TREE_METHODS:
         raise ValueError(f"method={method!r}: use one of {', '.join(TREE_METHODS)}")
     branching = tuple(int(b) for b in branching)
+    if method == "medusa":
+        if medusa_heads is None:
+            raise ValueError("method='medusa' needs trained heads (medusa_heads; experiments/train_gemma_heads.py)")
+        return MedusaTreeProposer(topk=tuple(int(t) for t in medusa_topk)), medusa_heads
     if method == "token_recycling":
         return TokenRecyclingProposer(target_cfg.vocab_size, k=table_k,
                                       parents=template_from_branching(branching)), None
-    if not 1 <= draft_layers < target_cfg.n_layers:
-        raise ValueError(f"draft_layers={draft_layers} must be in [1, {target_cfg.n_layers - 1}]")
-    dcfg, dparams = truncated_draft(target_cfg, target_params, draft_layers)
+    dcfg, dparams = make_draft(target_cfg, target_params, draft, draft_layers)
     if method == "draft_tree":
         return DraftTreeProposer.from_branching(dcfg, branching), dparams
     if method == "dyspec":
