@@ -125,10 +125,7 @@ def method_config(method: str, args, **overrides):
 
     c = spec_config.get_config(method)
     c.k, c.draft_layers, c.draft, c.seed = args.k, args.draft_layers, args.draft, 0
-    if args.blockwise_heads:
-        c.blockwise_heads = args.blockwise_heads
-    if args.draft != "distilled" or not (ROOT / "tokax/assets/gemma3_270m_draft/specdec_head.npz").exists():
-        c.specdec_head = ""  # the shipped SpecDec++ head belongs to the shipped draft
+    c.blockwise_heads = args.blockwise_heads
     for key, val in overrides.items():
         setattr(c, key, val)
     return c
@@ -359,7 +356,8 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--plot", default="", help="write a speedup bar chart (PNG) here")
     ap.add_argument("--results", default="", help="write every number (tokax and HF) to this JSON file")
-    ap.add_argument("--blockwise-heads", default="", help=".npz of trained heads (experiments/train_gemma_heads.py)")
+    ap.add_argument("--blockwise-heads", default="trained",
+                    help="'trained' (shipped), a .npz from experiments/train_gemma_heads.py, or '' (untrained)")
     ap.add_argument("--draft", default="distilled", help="draft model: 'distilled' (shipped), 'distilled:DIR', 'truncated'")
     ap.add_argument("--sweep", action="store_true", help="node-budget sweep of the tree methods (greedy)")
     ap.add_argument("--sweep-set", default="code")

@@ -55,16 +55,18 @@ def get_config(arg=None):
     c.kangaroo_adapter = ""  # .npz from tokax.decode.proposers.save_params; "" = identity adapter (early exit)
     # specdec_pp
     c.specdec_threshold = 0.7  # stop when predicted P(some rejection) exceeds this
-    # 'distilled': the head trained on the shipped draft (experiments/train_specdec_head.py); a .npz path;
-    # "" = untrained head predicting specdec_prior everywhere (a fixed draft length)
-    c.specdec_head = "distilled"
+    # .npz of a trained head (experiments/train_specdec_head.py); "" = untrained head predicting
+    # specdec_prior everywhere (a fixed draft length)
+    c.specdec_head = ""
     c.specdec_prior = 0.8
     # lookahead (training-free n-gram pool from the target's own Jacobi guesses)
     c.lookahead_ngram = 3
     c.lookahead_buckets = 1024
     c.lookahead_slots = 4
     # blockwise (Stern et al. 2018) / Medusa-style heads on the frozen target
-    c.blockwise_heads = ""  # .npz from experiments/train_gemma_heads.py; "" = untrained heads (copy next)
+    # 'trained': the Gemma heads shipped with tokax (experiments/train_gemma_heads.py, 16k-token subset);
+    # a .npz path; "" = untrained heads (copy next)
+    c.blockwise_heads = "trained"
     c.blockwise_sample_drafts = True
     # token trees (verified in one target pass; tokax.decode.tree_speculative)
     c.branching = (3, 2, 1)  # tree (a fixed template filled from the draft) / token_recycling: children per depth

@@ -28,9 +28,7 @@ def validate(c) -> None:
     check(0 <= c.specdec_threshold <= 1, "specdec_threshold", c.specdec_threshold, "must be in [0, 1]")
     check(0 < c.specdec_prior < 1, "specdec_prior", c.specdec_prior, "must be in (0, 1)")
     for key in ("kangaroo_adapter", "specdec_head", "blockwise_heads"):
-        path = c[key]
-        if key == "specdec_head" and path == "distilled":
-            continue  # the head shipped with the distilled draft (checked when loaded)
+        path = heads_path(c[key]) if key == "blockwise_heads" else c[key]
         check(not path or os.path.exists(path), key, path, "file does not exist (\"\" for the untrained default)")
     if c.method in TREE_METHODS:
         check(len(c.branching) >= 1 and all(b >= 1 for b in c.branching), "branching", c.branching,
@@ -43,6 +41,16 @@ def validate(c) -> None:
               "needs one top-k >= 1 per head")
         check(c.method != "medusa" or bool(c.blockwise_heads), "blockwise_heads", c.blockwise_heads,
               "method medusa needs trained heads (.npz from experiments/train_gemma_heads.py)")
+
+
+def heads_path(name: str) -> str:
+    """``blockwise_heads``: 'trained' = the Gemma heads shipped with tokax
+    (``experiments/train_gemma_heads.py``), else a ``.npz`` path ("" = untrained)."""
+    if name == "trained":
+        from tokax.decode.proposers.distilled import DEFAULT_DRAFT_DIR
+
+        return str(DEFAULT_DRAFT_DIR.parent / "gemma3_270m_heads" / "heads.npz")
+    return name
 
 
 def build_proposer(c, cfg, params):
@@ -63,7 +71,7 @@ def build_proposer(c, cfg, params):
     if c.method == "blockwise":
         from tokax.decode.proposers import blockwise
 
-        heads = P.load_params(c.blockwise_heads) if c.blockwise_heads else blockwise.init_heads(cfg.d_model, c.k)
+        heads = P.load_params(heads_path(c.blockwise_heads)) if c.blockwise_heads else blockwise.init_heads(cfg.d_model, c.k)
         return P.BlockwiseProposer(k=c.k, sample_drafts=c.blockwise_sample_drafts), heads
     if c.method == "kangaroo":
         check(1 <= c.kangaroo_layers < cfg.n_layers, "kangaroo_layers", c.kangaroo_layers,
@@ -80,15 +88,7 @@ def build_proposer(c, cfg, params):
     if c.method == "draft":
         return P.DraftModelProposer(dcfg, k=c.k), dparams
     prop = P.SpecDecPPProposer(cfg=dcfg, k=c.k, threshold=c.specdec_threshold)
-    if c.specdec_head == "distilled":  # trained by experiments/train_specdec_head.py on the shipped draft
-        from tokax.decode.proposers.distilled import DEFAULT_DRAFT_DIR
-
-        path = DEFAULT_DRAFT_DIR / "specdec_head.npz"
-        check(c.draft == "distilled", "specdec_head", c.specdec_head,
-              f"the shipped head belongs to the shipped draft (draft='distilled'), not draft={c.draft!r}")
-        check(path.exists(), "specdec_head", c.specdec_head, f"{path} is missing; run experiments/train_specdec_head.py")
-        head = P.load_params(str(path))
-    elif c.specdec_head:
+    if c.specdec_head:
         head = P.load_params(c.specdec_head)
     else:
         head = specdec_pp.init_head(dcfg.d_model, jax.random.PRNGKey(c.seed), prior=c.specdec_prior)
@@ -103,7 +103,7 @@ def make_generator(c, cfg, params, tok=None, **kw):
         from tokax.decode.proposers.tree_proposers import make_tree_proposer
         from tokax.decode.tree_speculative import TreeSpeculativeGenerator
 
-        heads = P.load_params(c.blockwise_heads) if c.method == "medusa" else None
+        heads = P.load_params(heads_path(c.blockwise_heads)) if c.method == "medusa" else None
         prop, pparams = make_tree_proposer(
             TREE_METHODS[c.method], cfg, params, draft=c.draft, draft_layers=c.draft_layers,
             branching=tuple(c.branching), n_nodes=c.n_nodes, rounds=c.rounds, max_children=c.max_children,

@@ -155,20 +155,28 @@ def ranked_children(logits: jax.Array, sp: SamplingParams, rng: jax.Array, n: in
     removed, renormalized), whether each has positive probability
     ``[..., n]``, and the processed ``q [..., V]`` itself."""
     V = logits.shape[-1]
-    greedy = is_greedy(sp)
-    q = jnp.where(greedy, jax.nn.softmax(logits, -1), jax.nn.softmax(process_logits(logits, sp), -1))
-    g = jax.random.gumbel(rng, logits.shape)
-    keys = jnp.where(greedy, logits, jnp.where(q > 0, jnp.log(q) + g, -jnp.inf))
-    _, toks = jax.lax.top_k(keys, n)  # [..., n]
-    toks = toks.astype(jnp.int32)
-    oh = jax.nn.one_hot(toks, V, dtype=q.dtype)  # [..., n, V]
-    before = jnp.cumsum(oh, axis=-2) - oh  # tokens of earlier siblings
-    qn = q[..., None, :] * (1.0 - before)
-    mass = qn.sum(-1, keepdims=True)
-    qn = qn / jnp.where(mass > 0, mass, 1.0)
-    ok = jnp.take_along_axis(q, toks, axis=-1) > 0
-    ok = ok | greedy  # greedy drafts need no q
-    return toks, qn, ok, q
+
+    def greedy(_):
+        # Top-n of the raw logits; the greedy verifier never reads the siblings' q, so it stays
+        # zero and the sampling-only work (top-p sort, Gumbel noise, [n, V] residuals) is skipped.
+        q = jax.nn.softmax(logits, -1)
+        _, toks = jax.lax.top_k(logits, n)
+        return toks.astype(jnp.int32), jnp.zeros((*logits.shape[:-1], n, V), q.dtype), \
+            jnp.ones(toks.shape, bool), q
+
+    def sampled(_):
+        q = jax.nn.softmax(process_logits(logits, sp), -1)
+        g = jax.random.gumbel(rng, logits.shape)
+        _, toks = jax.lax.top_k(jnp.where(q > 0, jnp.log(q) + g, -jnp.inf), n)  # [..., n]
+        toks = toks.astype(jnp.int32)
+        oh = jax.nn.one_hot(toks, V, dtype=q.dtype)  # [..., n, V]
+        before = jnp.cumsum(oh, axis=-2) - oh  # tokens of earlier siblings
+        qn = q[..., None, :] * (1.0 - before)
+        mass = qn.sum(-1, keepdims=True)
+        qn = qn / jnp.where(mass > 0, mass, 1.0)
+        return toks, qn, jnp.take_along_axis(q, toks, axis=-1) > 0, q
+
+    return jax.lax.cond(is_greedy(sp), greedy, sampled, None)
 
 
 class _DraftBase:
