@@ -21,13 +21,22 @@ whether the output equals plain greedy token for token. HF: plain
 framework against its own baseline).
 
     python benchmarks/speculative.py [--json] [--new-tokens 64] [--n-prompts 20] \
-        [--methods prompt_lookup,anpd,draft,kangaroo,specdec_pp] [--k 5] [--no-hf]
+        [--methods prompt_lookup,anpd,draft,specdec_pp,tree,dyspec,token_recycling] [--k 5] [--no-hf] \
+        [--sweep --sweep-plot PNG] [--spectr] [--plot PNG] [--results JSON]
 
-With ``--json`` the last line maps each set to ``{"best_method",
-"best_speedup", "hf_prompt_lookup_speedup"}``. Untrained drafts: ``draft``
-and ``specdec_pp`` use the target's first ``--draft-layers`` layers + LM head,
-``kangaroo`` an identity adapter (plain early exit); expect low acceptance
-from them until distilled drafts exist.
+Methods are the names of ``configs/speculative.py`` (chain and token-tree).
+The draft-model methods use the distilled draft shipped with tokax
+(``--draft``), blockwise / medusa the shipped trained heads
+(``--blockwise-heads``). With ``--json`` the last line maps each set to
+``{"best_method", "best_speedup", "hf_prompt_lookup_speedup"}``.
+
+``--sweep``: greedy node-budget sweep on ``--sweep-set`` (default code,
+``--sweep-prompts`` of its prompts): DySpec with a budget of 4, 8 and 16
+nodes against every fixed draft tree of that many nodes in
+``SWEEP_TEMPLATES`` (accepted drafts per pass and speedup; plot with
+``--sweep-plot``). ``--spectr``: acceptance at temperature 1 of SpecTr with
+k = 1..4 i.i.d. draft chains of ``--spectr-length`` tokens against
+single-draft speculative sampling (the ``draft`` method, K = that length).
 """
 
 from __future__ import annotations
@@ -126,6 +135,11 @@ def method_config(method: str, args, **overrides):
     c = spec_config.get_config(method)
     c.k, c.draft_layers, c.draft, c.seed = args.k, args.draft_layers, args.draft, 0
     c.blockwise_heads = args.blockwise_heads
+    if method == "blockwise" and c.blockwise_heads:  # one draft per trained head
+        from tokax.decode.proposers import load_params
+        from tokax.jobs.speculative import heads_path
+
+        c.k = min(c.k, int(load_params(heads_path(c.blockwise_heads))["w"].shape[0]))
     for key, val in overrides.items():
         setattr(c, key, val)
     return c
