@@ -230,6 +230,8 @@ def bench_sweep(prompts: list, args, target) -> dict:
     t_plain, ref = plain_greedy(cfg, params, ids, N, pad_to)
     out = {"plain_seconds": t_plain, "budgets": {}}
     for n, templates in SWEEP_TEMPLATES.items():
+        if args.sweep_budgets and n not in args.sweep_budgets:
+            continue
         rows = {}
         c = method_config("dyspec", args, n_nodes=n, rounds=min(n, 6), max_children=4)
         rows["dyspec"] = run_method(c, cfg, params, ids, N, pad_to, ref)
@@ -260,7 +262,7 @@ def bench_spectr(prompts: list, args, target) -> dict:
     sp = SamplingParams.make(1.0)
     L = args.spectr_length
     rows = {"draft (single chain)": run_method(method_config("draft", args, k=L), cfg, params, ids, N, pad_to, sp=sp)}
-    for k in (1, 2, 3, 4):
+    for k in args.spectr_ks:
         c = method_config("spectr", args, spectr_k=k, spectr_length=L)
         rows[f"spectr k={k}"] = run_method(c, cfg, params, ids, N, pad_to, sp=sp)
     log("[spectr T=1] " + ", ".join(f"{m}: {r['mean_accepted_per_pass']:.2f}" for m, r in rows.items()))
@@ -332,6 +334,8 @@ def plot_sweep(sweep: dict, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     ns = sorted(int(n) for n in sweep["budgets"])
+    if not ns:
+        return
     rows = [sweep["budgets"][n] for n in ns]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, label in ((axes[0], "mean_accepted_per_pass", "accepted drafts per target pass"),
@@ -378,12 +382,16 @@ def main():
     ap.add_argument("--sweep-prompts", type=int, default=10)
     ap.add_argument("--sweep-plot", default="", help="write the node-budget sweep plot (PNG) here")
     ap.add_argument("--sweep-families", default="tree", help="fixed-template methods in the sweep (tree,token_recycling)")
+    ap.add_argument("--sweep-budgets", default="", help="comma-separated subset of the budgets 4,8,16")
+    ap.add_argument("--spectr-ks", default="1,2,3,4", help="numbers of SpecTr chains")
     ap.add_argument("--spectr", action="store_true", help="SpecTr vs single-draft acceptance at temperature 1")
     ap.add_argument("--spectr-length", type=int, default=4)
     ap.add_argument("--spectr-prompts", type=int, default=10)
     args = ap.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     args.sweep_families = [m for m in args.sweep_families.split(",") if m]
+    args.sweep_budgets = [int(n) for n in args.sweep_budgets.split(",") if n]
+    args.spectr_ks = [int(k) for k in args.spectr_ks.split(",") if k]
     makers = {"code": code_prompts, "rewrite": rewrite_prompts, "prose": prose_prompts}
     sets = {s: makers[s](args.n_prompts) for s in args.sets.split(",")}
     for s, ps in sets.items():
