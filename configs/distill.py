@@ -47,14 +47,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teacher.overrides = ml_collections.ConfigDict(
         dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=256, sliding_window=64)
     )
-    if arg == "gemma":
+    if arg in ("gemma", "draft"):  # teacher = Gemma 3 270M, student = some of its layers + LoRA everywhere
         _sft.gemma_overrides(c)
-        c.workdir = "/tmp/tokax_distill_gemma"
         c.teacher.preset = "gemma3-270m"
         c.teacher.init = "gemma3"
         c.teacher.overrides = ml_collections.ConfigDict()
-        c.model.from_teacher_layers = tuple(range(0, 18, 2))
         c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
+    if arg == "gemma":
+        c.workdir = "/tmp/tokax_distill_gemma"
+        c.model.from_teacher_layers = tuple(range(0, 18, 2))
         c.lora.rank = 16
         c.optimizer.lr = 5e-4
     elif arg == "draft":
@@ -62,14 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # its first 4 layers with LoRA on every projection, and a head over the 16,384 most frequent
         # stdlib tokens (about 1/16 of the unembedding's cost). The KL is taken conditional on that
         # subset, the only tokens the draft can propose.
-        _sft.gemma_overrides(c)
         c.workdir = "/tmp/tokax_draft_gemma"
-        c.teacher.preset = "gemma3-270m"
-        c.teacher.init = "gemma3"
-        c.teacher.overrides = ml_collections.ConfigDict()
         c.model.from_teacher_layers = (0, 1, 2, 3)
         c.head_vocab = 16384
-        c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
         c.lora.rank = 32
         c.lora.alpha = 32.0
         c.optimizer.lr = 1e-3

@@ -18,6 +18,16 @@ TREE_METHODS = {"tree": "draft_tree", "dyspec": "dyspec", "spectr": "spectr", "t
 METHODS = CHAIN_METHODS + tuple(TREE_METHODS)
 
 
+def check_tree_keys(c) -> None:
+    """The tree-shape keys shared by configs/speculative.py and configs/tree.py."""
+    check(len(c.branching) >= 1 and all(b >= 1 for b in c.branching), "branching", c.branching,
+          "needs >= 1 children per depth")
+    check(c.table_k >= max(c.branching), "table_k", c.table_k, f"must be >= max(branching)={max(c.branching)}")
+    check(c.n_nodes >= 1 and c.rounds >= 1 and c.max_children >= 1, "n_nodes", c.n_nodes,
+          "n_nodes, rounds and max_children must be >= 1")
+    check(c.spectr_k >= 1 and c.spectr_length >= 1, "spectr_k", c.spectr_k, "spectr_k and spectr_length must be >= 1")
+
+
 def validate(c) -> None:
     check_decoding(c)
     check(c.method in METHODS, "method", c.method, f"use one of {', '.join(METHODS)}")
@@ -31,12 +41,7 @@ def validate(c) -> None:
         path = heads_path(c[key]) if key == "blockwise_heads" else c[key]
         check(not path or os.path.exists(path), key, path, "file does not exist (\"\" for the untrained default)")
     if c.method in TREE_METHODS:
-        check(len(c.branching) >= 1 and all(b >= 1 for b in c.branching), "branching", c.branching,
-              "needs >= 1 children per depth")
-        check(c.table_k >= max(c.branching), "table_k", c.table_k, f"must be >= max(branching)={max(c.branching)}")
-        check(c.n_nodes >= 1 and c.rounds >= 1 and c.max_children >= 1, "n_nodes", c.n_nodes,
-              "n_nodes, rounds and max_children must be >= 1")
-        check(c.spectr_k >= 1 and c.spectr_length >= 1, "spectr_k", c.spectr_k, "spectr_k and spectr_length must be >= 1")
+        check_tree_keys(c)
         check(len(c.medusa_topk) >= 1 and all(t >= 1 for t in c.medusa_topk), "medusa_topk", c.medusa_topk,
               "needs one top-k >= 1 per head")
         check(c.method != "medusa" or bool(c.blockwise_heads), "blockwise_heads", c.blockwise_heads,

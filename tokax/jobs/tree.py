@@ -5,7 +5,7 @@ output as the speculative job (text, or JSON lines with ``stats``)."""
 from __future__ import annotations
 
 from tokax.jobs import check, check_decoding
-from tokax.jobs.speculative import decode_prompts
+from tokax.jobs.speculative import check_tree_keys, decode_prompts
 
 METHODS = ("draft_tree", "dyspec", "token_recycling", "spectr")
 
@@ -13,12 +13,7 @@ METHODS = ("draft_tree", "dyspec", "token_recycling", "spectr")
 def validate(c) -> None:
     check_decoding(c)
     check(c.method in METHODS, "method", c.method, f"use one of {', '.join(METHODS)}")
-    check(len(c.branching) >= 1 and all(b >= 1 for b in c.branching), "branching", c.branching,
-          "needs >= 1 children per depth")
-    check(c.table_k >= max(c.branching), "table_k", c.table_k, f"must be >= max(branching)={max(c.branching)}")
-    check(c.n_nodes >= 1 and c.rounds >= 1 and c.max_children >= 1, "n_nodes", c.n_nodes,
-          "n_nodes, rounds and max_children must be >= 1")
-    check(c.spectr_k >= 1 and c.spectr_length >= 1, "spectr_k", c.spectr_k, "spectr_k and spectr_length must be >= 1")
+    check_tree_keys(c)
 
 
 def run(c) -> list[dict]:
