@@ -24,7 +24,10 @@ framework against its own baseline).
         [--methods prompt_lookup,anpd,draft,specdec_pp,tree,dyspec,token_recycling] [--k 5] [--no-hf] \
         [--sweep --sweep-plot PNG] [--spectr] [--plot PNG] [--results JSON]
 
-Methods are the names of ``configs/speculative.py`` (chain and token-tree).
+Methods are the names of ``configs/speculative.py`` (chain and token-tree),
+with its default ``greedy_screen=True`` (greedy verification through the
+bfloat16 screen of the unembedding, ``tokax.model.screen``: the same tokens);
+``NAME/f32`` runs a method with float32 logits instead, for comparison.
 The draft-model methods use the distilled draft shipped with tokax
 (``--draft``), blockwise / medusa the shipped trained heads
 (``--blockwise-heads``). With ``--json`` the last line maps each set to
@@ -197,7 +200,9 @@ def bench_tokax(sets: dict, args, target) -> dict:
         log(f"[{name}] tokax plain greedy: {len(ids) * N / t_plain:.1f} tok/s")
         rows = {"plain": {"seconds": t_plain, "tok_s": len(ids) * N / t_plain}}
         for method in args.methods:
-            rows[method] = run_method(method_config(method, args), cfg, params, ids, N, pad_to, ref)
+            base, _, variant = method.partition("/")  # "NAME/f32": greedy verification from float32 logits
+            c = method_config(base, args, **({"greedy_screen": False} if variant == "f32" else {}))
+            rows[method] = run_method(c, cfg, params, ids, N, pad_to, ref)
             rows[method]["speedup"] = t_plain / rows[method]["seconds"]
             log(f"[{name}] {method}: {rows[method]}")
         res[name] = rows
@@ -369,7 +374,8 @@ def main():
     ap.add_argument("--n-prompts", type=int, default=20)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--draft-layers", type=int, default=4)
-    ap.add_argument("--methods", default="prompt_lookup,anpd,draft,specdec_pp,tree,dyspec,token_recycling")
+    ap.add_argument("--methods", default="prompt_lookup,anpd,draft,specdec_pp,tree,dyspec,token_recycling",
+                    help="names of configs/speculative.py; NAME/f32 runs NAME with greedy_screen=False")
     ap.add_argument("--sets", default="code,rewrite,prose")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--plot", default="", help="write a speedup bar chart (PNG) here")

@@ -31,6 +31,7 @@ def get_config(arg=None):
     c.seed = 0
     c.batch_size = 1  # prompts per compiled batch
     c.json = False  # one JSON object per prompt per line: prompt, token_ids, text, stats
+    c.greedy_screen = True  # greedy verification through a bf16 screen of the unembedding (configs/speculative.py)
 
     c.method = arg or "draft_tree"  # one of METHODS
     # 'distilled': the draft shipped with tokax (configs/distill.py:draft: Gemma's first 4 layers + LoRA,

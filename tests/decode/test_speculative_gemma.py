@@ -44,7 +44,9 @@ def test_gemma_greedy_lossless(gemma, method, tmp_path):
     if method == "medusa":  # untrained (copy-next) heads: the loop, not the heads, is under test
         save_params(str(tmp_path / "heads.npz"), init_heads(cfg.d_model, 2))
         c.blockwise_heads = str(tmp_path / "heads.npz")
-    outs, stats = make_generator(c, cfg, params, tok).generate(PROMPTS, N_NEW)
+    gen = make_generator(c, cfg, params, tok)
+    assert gen.screen is not None  # greedy verification goes through the bf16 screen (configs' default)
+    outs, stats = gen.generate(PROMPTS, N_NEW)
     assert outs == ref
     assert all(s["new_tokens"] == len(o) and s["target_passes"] >= 1 for s, o in zip(stats, outs))
     if method in ("draft", "tree", "dyspec", "spectr", "token_recycling"):
@@ -66,3 +68,26 @@ def test_job_prints_json_lines(gemma, tmp_path):
     assert len(lines) == 1 and lines[0] == rows[0]
     assert lines[0]["token_ids"] == ref[1] and lines[0]["prompt"] == PROMPTS[1]
     assert set(lines[0]["stats"]) >= {"proposed", "accepted", "target_passes", "mean_accepted"}
+
+
+@pytest.mark.slow
+def test_gemma_screened_argmax_on_real_hidden_states(gemma):
+    """The screen's greedy tokens equal the float32 logits' argmax at every
+    position of 500 tokens of real code (taken 6 positions at a time, as a
+    verify pass of K = 5 does)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tokax.decode.speculative import __file__ as src
+    from tokax.model.decoder import forward_jit
+    from tokax.model.screen import make_argmax_screen, screened_argmax
+
+    cfg, params, tok, _ = gemma
+    ids = jnp.asarray([tok.encode(open(src).read()[:4000], add_bos=True)[:504]])
+    logits, hidden, _ = forward_jit(cfg, params, ids, jnp.arange(ids.shape[1])[None])
+    ref = np.asarray(jnp.argmax(logits[0], -1))
+    screen = make_argmax_screen(params["embed"])
+    f = jax.jit(screened_argmax)
+    got = np.concatenate([np.asarray(f(screen, params["embed"], hidden[0, i:i + 6])) for i in range(0, 504, 6)])
+    np.testing.assert_array_equal(got, ref)

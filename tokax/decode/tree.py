@@ -158,8 +158,12 @@ def greedy_tree_verify(p_logits: jax.Array, tree: Tree, max_depth: int):
 
     Returns ``n_acc [B]``, ``path [B, max_depth]`` (accepted node indices,
     -1 past ``n_acc``) and the next token ``[B]`` (argmax after the path)."""
+    return greedy_tree_accept(jnp.argmax(p_logits, axis=-1).astype(jnp.int32), tree, max_depth)
+
+
+def greedy_tree_accept(top: jax.Array, tree: Tree, max_depth: int):
+    """``greedy_tree_verify`` from the target's greedy tokens ``top [B, 1+N]``."""
     B, N = tree.tokens.shape
-    top = jnp.argmax(p_logits, axis=-1).astype(jnp.int32)  # [B, 1+N]
 
     def body(i, c):
         cur, n_acc, path = c

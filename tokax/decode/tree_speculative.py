@@ -34,10 +34,12 @@ from flax import struct
 from tokax.decode.proposers import Context
 from tokax.decode.sampling import SamplingParams
 from tokax.decode.speculative import SpeculativeGenerator, buffer_sizes
-from tokax.decode.tree import block_mask, block_positions, compact_to_path
+from tokax.decode.tree import (SpecTrVerifier, TreeVerifier, block_mask, block_positions, compact_to_path,
+                               greedy_tree_accept)
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params, forward
+from tokax.model.screen import ArgmaxScreen, greedy_tokens
 
 
 @struct.dataclass
@@ -94,8 +96,11 @@ def init_tree_state(cfg, params, proposer, pparams, prompt, prompt_len, max_new,
 
 
 def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, max_new, eos_ids,
-              verifier) -> TreeState:
-    """One round: propose a tree, verify it in one target pass, keep the accepted path."""
+              verifier, screen: ArgmaxScreen | None = None) -> TreeState:
+    """One round: propose a tree, verify it in one target pass, keep the accepted path. With a
+    ``screen``, greedy rounds of the built-in verifiers take the target's greedy tokens from it
+    (``tokax.model.screen``; the same tokens, cheaper on CPU); Token Recycling, which reads the
+    target's top-k, always scores full logits."""
     D = proposer.max_depth
     B = s.seq.shape[0]
     live = ~s.done
@@ -108,8 +113,23 @@ def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, 
     block = jnp.concatenate([last, tree.tokens], axis=1)  # [B, 1+N]
     positions = block_positions(tree, s.seq_len - 1, live)  # [B, 1+N]
     start = s.cache.length
-    p_logits, hidden, cache = forward(cfg, params, block, positions, s.cache, block_mask=block_mask(tree.parents))
-    n_acc, path, nxt = verifier(p_logits, tree, sp, k_ver, D)
+    mask = block_mask(tree.parents)
+
+    def greedy_round(_):  # only the target's greedy tokens: from the screen, no float32 logits
+        _, h, c = forward(cfg, params, block, positions, s.cache, block_mask=mask, return_logits=False)
+        return greedy_tree_accept(greedy_tokens(cfg, params, h, screen), tree, D), h, c
+
+    def verified_round(_):
+        lg, h, c = forward(cfg, params, block, positions, s.cache, block_mask=mask)
+        return verifier(lg, tree, sp, k_ver, D), h, c
+
+    observes_logits = hasattr(proposer, "observe")  # Token Recycling reads the target's top-k
+    p_logits = None
+    if screen is None or observes_logits or not isinstance(verifier, (TreeVerifier, SpecTrVerifier)):
+        p_logits, hidden, cache = forward(cfg, params, block, positions, s.cache, block_mask=mask)
+        n_acc, path, nxt = verifier(p_logits, tree, sp, k_ver, D)
+    else:  # these verifiers are greedy at temperature 0
+        (n_acc, path, nxt), hidden, cache = jax.lax.cond(sp.temperature <= 0.0, greedy_round, verified_round, None)
     n_acc = jnp.where(live, n_acc, 0)
 
     # The row's new tokens: the accepted path, then the target's token.
@@ -125,7 +145,7 @@ def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, 
     seq = jax.vmap(lambda r, t, p: jax.lax.dynamic_update_slice(r, t, (p,)))(s.seq, new, s.seq_len)
 
     cache = compact_to_path(cache, start, path, n_acc, live)
-    if hasattr(proposer, "observe"):
+    if observes_logits:
         pstate = proposer.observe(pstate, block, p_logits, positions >= 0)
     if hasattr(proposer, "observe_tree_hidden"):
         # The target's state after the newest accepted token: block index 0 (the root) when
@@ -162,6 +182,7 @@ def tree_speculative_generate(
     eos_ids: tuple[int, ...] = (1,),
     pad_id: int = 0,
     verifier: Callable | None = None,
+    screen: ArgmaxScreen | None = None,
 ):
     """Jitted prefill + tree-speculative while loop. Returns ``(tokens [B,
     buffer_len], n_gen [B], TreeStats)``; ``tokens`` past ``n_gen`` are
@@ -175,7 +196,7 @@ def tree_speculative_generate(
         return (s.step < buffer_len) & ~jnp.all(s.done)
 
     def body(s: TreeState):
-        return tree_step(cfg, params, proposer, pparams, s, sp, max_new, eos_ids, verifier)
+        return tree_step(cfg, params, proposer, pparams, s, sp, max_new, eos_ids, verifier, screen)
 
     s = jax.lax.while_loop(cond, body, s)
     i = jnp.arange(buffer_len, dtype=jnp.int32)[None, :]
@@ -190,9 +211,10 @@ class TreeSpeculativeGenerator(SpeculativeGenerator):
     ``proposed`` and ``accepted`` count tree nodes)."""
 
     def __init__(self, cfg: ModelConfig, params: Params, proposer, pparams: Any = None, tokenizer=None,
-                 eos_ids: Sequence[int] | None = None, pad_id: int | None = None, verifier: Callable | None = None):
+                 eos_ids: Sequence[int] | None = None, pad_id: int | None = None, verifier: Callable | None = None,
+                 greedy_screen=False):
         self._setup(cfg, params, proposer, pparams, tokenizer, eos_ids, pad_id,
-                    verifier if verifier is not None else proposer.verifier())
+                    verifier if verifier is not None else proposer.verifier(), greedy_screen)
 
     def _slots(self, prompt_bucket: int, buffer_len: int) -> tuple[int, str]:
         _, slots = tree_buffer_sizes(prompt_bucket, buffer_len, self.proposer.n_nodes)
@@ -201,5 +223,5 @@ class TreeSpeculativeGenerator(SpeculativeGenerator):
     def _decode(self, prompt, lens, budgets, sp: SamplingParams, rng, buffer_len: int):
         return tree_speculative_generate(
             self.cfg, self.params, self.proposer, self.pparams, prompt, lens, budgets, sp, rng, buffer_len=buffer_len,
-            eos_ids=self.eos_ids, pad_id=self.pad_id, verifier=self.verifier,
+            eos_ids=self.eos_ids, pad_id=self.pad_id, verifier=self.verifier, screen=self.screen,
         )

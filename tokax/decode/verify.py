@@ -45,8 +45,13 @@ def _at(x: jax.Array, i: jax.Array) -> jax.Array:
 
 def greedy_verify(p_logits, drafts, n_draft, q_logits=None, sp=None, rng=None):
     """Accept while the target's argmax equals the draft."""
+    return greedy_accept(jnp.argmax(p_logits, axis=-1).astype(jnp.int32), drafts, n_draft)
+
+
+def greedy_accept(top, drafts, n_draft):
+    """Greedy verification from the target's greedy tokens ``top [B, K+1]``
+    (what ``greedy_verify`` takes the argmax of the logits for)."""
     K = drafts.shape[1]
-    top = jnp.argmax(p_logits, axis=-1).astype(jnp.int32)  # [B, K+1]
     ok = (top[:, :K] == drafts) & (jnp.arange(K)[None, :] < n_draft[:, None])
     n_acc = leading_true(ok)
     return n_acc, _at(top, n_acc)

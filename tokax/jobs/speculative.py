@@ -103,6 +103,7 @@ def build_proposer(c, cfg, params):
 def make_generator(c, cfg, params, tok=None, **kw):
     """The generator for ``c.method``: ``SpeculativeGenerator`` (chain methods) or
     ``TreeSpeculativeGenerator`` (token-tree methods); ``kw`` go to its constructor."""
+    kw.setdefault("greedy_screen", bool(c.get("greedy_screen", False)) and cfg.dtype == "float32")
     if c.method in TREE_METHODS:
         from tokax.decode import proposers as P
         from tokax.decode.proposers.tree_proposers import make_tree_proposer

@@ -28,6 +28,7 @@ def run(c) -> list[dict]:
             c.method, cfg, params, draft=c.draft, draft_layers=c.draft_layers, branching=tuple(c.branching), n_nodes=c.n_nodes,
             rounds=c.rounds, max_children=c.max_children, table_k=c.table_k, spectr_k=c.spectr_k,
             spectr_length=c.spectr_length)
-        return TreeSpeculativeGenerator(cfg, params, prop, pparams, tok)
+        return TreeSpeculativeGenerator(cfg, params, prop, pparams, tok,
+                                        greedy_screen=bool(c.get("greedy_screen", False)) and cfg.dtype == "float32")
 
     return decode_prompts(c, make_generator)
