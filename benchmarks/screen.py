@@ -1,0 +1,106 @@
+"""Cost of the greedy tokens at N positions of Gemma 3 270M: float32 logits +
+argmax (what a verify pass computed before) against the bfloat16 screen of
+``tokax.model.screen``, on real hidden states.
+
+The hidden states are Gemma's final-normed states over the first 512 tokens
+of a Python standard-library module (``--module``, default ``json.decoder``).
+For each N the script times both paths, jitted, on N consecutive positions
+(compile excluded, median of ``--reps`` calls), checks that they give the same
+tokens, and reports how many tokens the screen had to rescore per position
+(its certified candidate set) over all 512 positions.
+
+    python benchmarks/screen.py [--json] [--sizes 1,2,4,6,8,16] [--reps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(f, *a, reps: int) -> float:
+    import jax
+
+    jax.block_until_ready(f(*a))  # compile
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*a))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--sizes", default="1,2,4,6,8,16")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--module", default="json.decoder")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tokax.model.decoder import forward_jit, unembed
+    from tokax.model.loaders.gguf import load_gemma3
+    from tokax.model.screen import make_argmax_screen, screened_argmax
+    from tokax.tokenize import load_gemma3_tokenizer
+
+    cfg, params = load_gemma3("float32")
+    tok = load_gemma3_tokenizer()
+    src = inspect.getsource(importlib.import_module(args.module))
+    ids = jnp.asarray([tok.encode(src, add_bos=True)[:512]])
+    _, hidden, _ = forward_jit(cfg, params, ids, jnp.arange(ids.shape[1])[None], return_logits=False)
+    hidden = hidden[0]  # [T, D]
+    E = params["embed"]
+    screen = make_argmax_screen(E)
+
+    # The certified candidate set per position (what the screen rescores when it fits in 16).
+    h_lo = hidden.astype(jnp.bfloat16)
+    h_lo32 = h_lo.astype(jnp.float32)
+    a = jnp.einsum("nd,vd->nv", h_lo, screen.embed_lo, preferred_element_type=jnp.float32)
+    dh = jnp.linalg.norm(hidden - h_lo32, axis=-1)[:, None]
+    nh = jnp.linalg.norm(h_lo32, axis=-1)[:, None]
+    b = dh * screen.norm[None] + nh * screen.err[None]
+    n_cand = np.asarray(jnp.sum(a + b >= jnp.max(a - b, axis=-1, keepdims=True), axis=-1))
+    exact = np.asarray(jnp.argmax(unembed(cfg, params, hidden), -1))
+    assert np.all(np.abs(np.asarray(a - unembed(cfg, params, hidden))) <= np.asarray(b)), "bound violated"
+
+    full = jax.jit(lambda h: jnp.argmax(unembed(cfg, params, h), axis=-1))
+    scr = jax.jit(lambda s, h: screened_argmax(s, E, h))
+    rows = []
+    for n in [int(x) for x in args.sizes.split(",")]:
+        h = hidden[100:100 + n]
+        same = bool(np.array_equal(np.asarray(scr(screen, h)), exact[100:100 + n]))
+        rows.append({"positions": n, "float32_ms": timed(full, h, reps=args.reps),
+                     "screen_ms": timed(scr, screen, h, reps=args.reps), "same_tokens": same})
+    allsame = bool(np.array_equal(np.concatenate([np.asarray(scr(screen, hidden[i:i + 8]))
+                                                  for i in range(0, len(exact) - 7, 8)]), exact[:len(exact) // 8 * 8]))
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    print(f"Gemma 3 270M unembedding (262144 x 640), greedy tokens at N positions, {machine}")
+    print(f"{'N':>3} {'float32 ms':>11} {'screen ms':>10} {'ratio':>6} same")
+    for r in rows:
+        print(f"{r['positions']:>3} {r['float32_ms']:>11.1f} {r['screen_ms']:>10.1f} "
+              f"{r['float32_ms'] / r['screen_ms']:>6.2f} {r['same_tokens']}")
+    print(f"candidates per position over {len(n_cand)} positions of {args.module}: median {np.median(n_cand):.0f}, "
+          f"p99 {np.percentile(n_cand, 99):.0f}, max {n_cand.max()}; screen equals float32 argmax at every "
+          f"position: {allsame}")
+    if args.json:
+        print(json.dumps({"rows": rows, "candidates": {"median": float(np.median(n_cand)), "max": int(n_cand.max())},
+                          "all_positions_equal": allsame}))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
