@@ -100,10 +100,15 @@ def build_proposer(c, cfg, params):
     return prop, {"model": dparams, "head": head}
 
 
+def screen_option(c, cfg) -> bool:
+    """The configs' ``greedy_screen`` key, honoured for float32 targets (the screen is a bf16 copy)."""
+    return bool(c.get("greedy_screen", False)) and cfg.dtype == "float32"
+
+
 def make_generator(c, cfg, params, tok=None, **kw):
     """The generator for ``c.method``: ``SpeculativeGenerator`` (chain methods) or
     ``TreeSpeculativeGenerator`` (token-tree methods); ``kw`` go to its constructor."""
-    kw.setdefault("greedy_screen", bool(c.get("greedy_screen", False)) and cfg.dtype == "float32")
+    kw.setdefault("greedy_screen", screen_option(c, cfg))
     if c.method in TREE_METHODS:
         from tokax.decode import proposers as P
         from tokax.decode.proposers.tree_proposers import make_tree_proposer

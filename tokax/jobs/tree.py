@@ -5,7 +5,7 @@ output as the speculative job (text, or JSON lines with ``stats``)."""
 from __future__ import annotations
 
 from tokax.jobs import check, check_decoding
-from tokax.jobs.speculative import check_tree_keys, decode_prompts
+from tokax.jobs.speculative import check_tree_keys, decode_prompts, screen_option
 
 METHODS = ("draft_tree", "dyspec", "token_recycling", "spectr")
 
@@ -29,6 +29,6 @@ def run(c) -> list[dict]:
             rounds=c.rounds, max_children=c.max_children, table_k=c.table_k, spectr_k=c.spectr_k,
             spectr_length=c.spectr_length)
         return TreeSpeculativeGenerator(cfg, params, prop, pparams, tok,
-                                        greedy_screen=bool(c.get("greedy_screen", False)) and cfg.dtype == "float32")
+                                        greedy_screen=screen_option(c, cfg))
 
     return decode_prompts(c, make_generator)

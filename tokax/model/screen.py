@@ -19,7 +19,7 @@ the cost of the multi-position float32 product:
 3. the ``n_cand`` tokens with the largest upper bounds give the floor (their
    lower bounds are lower bounds on the max); if the next upper bound is
    under it, they hold every possible winner (on Gemma 3 270M: median 1, at
-   most 13 in a 512-token test), are rescored exactly in float32, and the
+   most 11 over 512 positions, ``benchmarks/screen.py``), are rescored exactly in float32, and the
    best one wins, ties to the smallest id as ``jnp.argmax``.
 
 When the top ``n_cand`` do not certify the winner the step falls back to the full
@@ -70,15 +70,15 @@ def screened_argmax(screen: ArgmaxScreen, embed: jax.Array, hidden: jax.Array, n
         return jnp.zeros(lead, jnp.int32)
     h = hidden.reshape(-1, D).astype(jnp.float32)  # [N, D]
     N = h.shape[0]
-    # A one-row bf16 product takes a slow matrix-vector path on CPU; two rows take the fast one.
-    h_lo = jnp.pad(h, ((0, max(0, 2 - N)), (0, 0))).astype(jnp.bfloat16)
+    h_lo = h.astype(jnp.bfloat16)
     h_lo32 = h_lo.astype(jnp.float32)
-    dh = _SLACK * jnp.linalg.norm(jnp.pad(h, ((0, max(0, 2 - N)), (0, 0))) - h_lo32, axis=-1)[:, None]
+    dh = _SLACK * jnp.linalg.norm(h - h_lo32, axis=-1)[:, None]  # [N, 1]
     nh = _SLACK * jnp.linalg.norm(h_lo32, axis=-1)[:, None]
-    a = jnp.einsum("nd,vd->nv", h_lo, screen.embed_lo, preferred_element_type=jnp.float32)
+    # A one-row bf16 product takes a slow matrix-vector path on CPU; two rows take the fast one.
+    a = jnp.einsum("nd,vd->nv", jnp.pad(h_lo, ((0, max(0, 2 - N)), (0, 0))), screen.embed_lo,
+                   preferred_element_type=jnp.float32)
     # Keep the product a plain matmul: fusing the bound into it takes a much slower CPU path.
     a = jax.lax.optimization_barrier(a)[:N]  # [N, V]
-    dh, nh = dh[:N], nh[:N]
     upper = a + dh * screen.norm[None] + nh * screen.err[None]
     # (The barrier keeps XLA CPU's fast top-k: fusing its outputs' uses turns it into a full sort.)
     ub, cand = jax.lax.optimization_barrier(jax.lax.top_k(upper, n_cand + 1))  # [N, C+1]
