@@ -12,7 +12,9 @@ Three prompt sets of real text, ``--n-prompts`` each (default 20):
 * ``prose``: the opening sentences of other such paragraphs, to continue.
 
 Every prompt is decoded greedily at batch 1 for exactly ``--new-tokens``
-tokens (no stop token), after one warm-up call per method that compiles it.
+tokens (no stop token), padded to its own power-of-two bucket (``--pad set``:
+to the longest of its set), after one warm-up call per method and bucket
+that compiles it.
 Reported per set and method: wall-clock speedup over tokax plain greedy,
 mean accepted draft tokens per target pass, tokens per target pass, and
 whether the output equals plain greedy token for token. HF: plain
@@ -148,16 +150,23 @@ def method_config(method: str, args, **overrides):
     return c
 
 
-def run_method(c, cfg, params, ids, N, pad_to, ref=None, sp=None, seed=0) -> dict:
-    """Decode token lists ``ids`` one at a time with the method of config ``c``
-    (compile excluded); seconds, accepted drafts and tokens per target pass,
-    and (with ``ref``) how many outputs equal plain greedy."""
+def warm_up(call, ids, pads) -> None:
+    """Compile ``call(ids, pad_to)`` once per prompt bucket (compile time is not measured)."""
+    for pad in sorted(set(pads)):
+        call(ids[pads.index(pad)], pad)
+
+
+def run_method(c, cfg, params, ids, N, pads, ref=None, sp=None, seed=0) -> dict:
+    """Decode token lists ``ids`` one at a time (``pads``: each one's padded prompt length)
+    with the method of config ``c`` (compile excluded); seconds, accepted drafts and tokens per
+    target pass, and (with ``ref``) how many outputs equal plain greedy."""
     from tokax.jobs.speculative import make_generator
 
     gen = make_generator(c, cfg, params, eos_ids=(), pad_id=0)
     kw = {} if sp is None else {"sampling": sp}
-    gen.generate([ids[0]], N, pad_to=pad_to, **kw)  # compile
-    dt, outs = time_calls(lambda x: gen.generate([x], N, pad_to=pad_to, seed=seed, **kw), ids)
+    call = lambda x, pad: gen.generate([x], N, pad_to=pad, seed=seed, **kw)  # noqa: E731
+    warm_up(call, ids, pads)
+    dt, outs = time_calls(lambda xp: call(*xp), list(zip(ids, pads)))
     stats = [o[1][0] for o in outs]
     acc, passes = sum(s["accepted"] for s in stats), sum(s["target_passes"] for s in stats)
     row = {"seconds": dt, "mean_accepted_per_pass": acc / passes,
@@ -175,19 +184,29 @@ def load_target():
     return cfg, params, load_gemma3_tokenizer()
 
 
+PAD = "prompt"  # --pad: "prompt" = each prompt padded to its own power-of-two bucket, "set" = to the set's
+
+
 def encode(tok, prompts):
+    """Token ids of ``prompts`` and the length each is padded to (one compiled program per
+    bucket and method). Each prompt gets its own power-of-two bucket, as ``Generator.generate``
+    picks by default: padding a 47-token prompt to its set's longest bucket makes every call
+    pay a 512-token prefill, plain and speculative alike, which HF (unpadded) does not. ``--pad set`` restores the set-wide padding of the session-4 runs."""
     from tokax.decode.generate import bucket
 
     ids = [tok.encode(p, add_bos=True) for p in prompts]
-    return ids, bucket(max(len(x) for x in ids))  # one compiled program per set and method
+    if PAD == "set":
+        return ids, [bucket(max(len(x) for x in ids))] * len(ids)
+    return ids, [bucket(len(x)) for x in ids]
 
 
-def plain_greedy(cfg, params, ids, N, pad_to):
+def plain_greedy(cfg, params, ids, N, pads):
     from tokax.decode.generate import Generator
 
     plain = Generator(cfg, params, eos_ids=(), pad_id=0)
-    plain.generate([ids[0]], N, pad_to=pad_to)  # compile
-    return time_calls(lambda x: plain.generate([x], N, pad_to=pad_to)[0], ids)
+    call = lambda x, pad: plain.generate([x], N, pad_to=pad)[0]  # noqa: E731
+    warm_up(call, ids, pads)
+    return time_calls(lambda xp: call(*xp), list(zip(ids, pads)))
 
 
 def bench_tokax(sets: dict, args, target) -> dict:
@@ -195,14 +214,14 @@ def bench_tokax(sets: dict, args, target) -> dict:
     N = args.new_tokens
     res = {}
     for name, prompts in sets.items():
-        ids, pad_to = encode(tok, prompts)
-        t_plain, ref = plain_greedy(cfg, params, ids, N, pad_to)
+        ids, pads = encode(tok, prompts)
+        t_plain, ref = plain_greedy(cfg, params, ids, N, pads)
         log(f"[{name}] tokax plain greedy: {len(ids) * N / t_plain:.1f} tok/s")
         rows = {"plain": {"seconds": t_plain, "tok_s": len(ids) * N / t_plain}}
         for method in args.methods:
             base, _, variant = method.partition("/")  # "NAME/f32": greedy verification from float32 logits
             c = method_config(base, args, **({"greedy_screen": False} if variant == "f32" else {}))
-            rows[method] = run_method(c, cfg, params, ids, N, pad_to, ref)
+            rows[method] = run_method(c, cfg, params, ids, N, pads, ref)
             rows[method]["speedup"] = t_plain / rows[method]["seconds"]
             log(f"[{name}] {method}: {rows[method]}")
         res[name] = rows
@@ -231,20 +250,20 @@ def bench_sweep(prompts: list, args, target) -> dict:
     Token Recycling on the same templates)."""
     cfg, params, tok = target
     N = args.new_tokens
-    ids, pad_to = encode(tok, prompts)
-    t_plain, ref = plain_greedy(cfg, params, ids, N, pad_to)
+    ids, pads = encode(tok, prompts)
+    t_plain, ref = plain_greedy(cfg, params, ids, N, pads)
     out = {"plain_seconds": t_plain, "budgets": {}}
     for n, templates in SWEEP_TEMPLATES.items():
         if args.sweep_budgets and n not in args.sweep_budgets:
             continue
         rows = {}
         c = method_config("dyspec", args, n_nodes=n, rounds=min(n, 6), max_children=4)
-        rows["dyspec"] = run_method(c, cfg, params, ids, N, pad_to, ref)
+        rows["dyspec"] = run_method(c, cfg, params, ids, N, pads, ref)
         for br in templates:
             assert template_nodes(br) == n, (br, n)
             for method in args.sweep_families:
                 c = method_config(method, args, branching=br, table_k=max(4, max(br)))
-                rows[f"{method}{list(br)}"] = run_method(c, cfg, params, ids, N, pad_to, ref)
+                rows[f"{method}{list(br)}"] = run_method(c, cfg, params, ids, N, pads, ref)
         for r in rows.values():
             r["speedup"] = t_plain / r["seconds"]
         for fam in args.sweep_families:
@@ -263,13 +282,13 @@ def bench_spectr(prompts: list, args, target) -> dict:
 
     cfg, params, tok = target
     N = args.new_tokens
-    ids, pad_to = encode(tok, prompts)
+    ids, pads = encode(tok, prompts)
     sp = SamplingParams.make(1.0)
     L = args.spectr_length
-    rows = {"draft (single chain)": run_method(method_config("draft", args, k=L), cfg, params, ids, N, pad_to, sp=sp)}
+    rows = {"draft (single chain)": run_method(method_config("draft", args, k=L), cfg, params, ids, N, pads, sp=sp)}
     for k in args.spectr_ks:
         c = method_config("spectr", args, spectr_k=k, spectr_length=L)
-        rows[f"spectr k={k}"] = run_method(c, cfg, params, ids, N, pad_to, sp=sp)
+        rows[f"spectr k={k}"] = run_method(c, cfg, params, ids, N, pads, sp=sp)
     log("[spectr T=1] " + ", ".join(f"{m}: {r['mean_accepted_per_pass']:.2f}" for m, r in rows.items()))
     return {"length": L, "temperature": 1.0, "rows": rows}
 
@@ -378,6 +397,8 @@ def main():
                     help="names of configs/speculative.py; NAME/f32 runs NAME with greedy_screen=False")
     ap.add_argument("--sets", default="code,rewrite,prose")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--pad", choices=("prompt", "set"), default="prompt",
+                    help="pad each prompt to its own power-of-two bucket (default) or all to the set's longest")
     ap.add_argument("--plot", default="", help="write a speedup bar chart (PNG) here")
     ap.add_argument("--results", default="", help="write every number (tokax and HF) to this JSON file")
     ap.add_argument("--blockwise-heads", default="trained",
@@ -394,6 +415,8 @@ def main():
     ap.add_argument("--spectr-length", type=int, default=4)
     ap.add_argument("--spectr-prompts", type=int, default=10)
     args = ap.parse_args()
+    global PAD
+    PAD = args.pad
     args.methods = [m for m in args.methods.split(",") if m]
     args.sweep_families = [m for m in args.sweep_families.split(",") if m]
     args.sweep_budgets = [int(n) for n in args.sweep_budgets.split(",") if n]
@@ -410,7 +433,8 @@ def main():
     spectr = bench_spectr(sets[args.sweep_set][: args.spectr_prompts], args, target) if args.spectr else None
     hf = {} if args.no_hf else bench_hf(sets, args)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    print(f"\nGemma 3 270M float32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, {machine}")
+    print(f"\nGemma 3 270M float32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, "
+          f"prompts padded per {args.pad}, {machine}")
     print(f"{'set':<8} {'method':<14} {'speedup':>8} {'acc/pass':>9} {'tok/pass':>9} {'identical':>10}")
     summary = {}
     for s, rows in tk.items():
@@ -426,7 +450,8 @@ def main():
             "best_speedup": rows[best]["speedup"] if best else None,
             "hf_prompt_lookup_speedup": hf[s]["prompt_lookup_speedup"] if s in hf else None,
         }
-    title = f"Gemma 3 270M f32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, {machine}"
+    title = (f"Gemma 3 270M f32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, "
+             f"padding per {args.pad}, {machine}")
     if sweep:
         print(f"\nnode-budget sweep ({args.sweep_set}, {args.sweep_prompts} prompts, greedy): accepted drafts per pass"
               " (speedup over plain greedy)")

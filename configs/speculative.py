@@ -5,7 +5,8 @@
 
 ``get_config("METHOD")`` presets the method (``configs/speculative.py:anpd``).
 Methods: draft (the draft model named by ``draft``: by default the distilled
-draft shipped with tokax, see configs/distill.py:draft), prompt_lookup, anpd,
+draft shipped with tokax, see configs/distill.py:draft), prompt_lookup,
+retrieval (prompt lookup, else an n-gram datastore of the standard library), anpd,
 kangaroo (first ``kangaroo_layers`` layers + adapter + LM head), specdec_pp
 (the draft model + an acceptance head), lookahead (n-gram pool of the target's
 own guesses), blockwise (k heads on the target's hidden state; train them with
@@ -18,7 +19,7 @@ blockwise heads' top-k tree). All are lossless.
 
 import ml_collections
 
-METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise",
+METHODS = ("draft", "prompt_lookup", "retrieval", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise",
            "tree", "dyspec", "spectr", "token_recycling", "medusa")
 
 
@@ -43,10 +44,17 @@ def get_config(arg=None):
 
     c.method = arg or "prompt_lookup"  # one of METHODS
     c.k = 5  # maximum draft tokens per round
-    # prompt_lookup / anpd
+    # prompt_lookup / retrieval / anpd
     c.max_ngram = 3
     c.min_ngram = 1
     c.init_ngram = 2  # anpd: starting n-gram size (adapted online)
+    # retrieval: prompt lookup, and where the context has no match a draft from an n-gram
+    # datastore of a corpus (tokax.decode.proposers.retrieval): 'stdlib' = the standard library's
+    # training split, or a directory of .py/.txt/.md files
+    c.retrieval_corpus = "stdlib"
+    c.retrieval_ngram = 3  # longest stored context
+    c.retrieval_min_count = 3  # a context is stored when its top continuation was seen this often
+    c.retrieval_min_conf = 0.3  # drafting stops at a continuation with a smaller share
     # draft / specdec_pp: the draft model
     # 'distilled': the draft shipped with tokax (configs/distill.py:draft: Gemma's first 4 layers + LoRA,
     # a 16k-token head); 'distilled:DIR': one exported by experiments/distill_gemma_draft.py;

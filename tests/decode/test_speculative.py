@@ -16,6 +16,7 @@ from tokax.decode.generate import Generator
 from tokax.decode.proposers import kangaroo, specdec_pp
 from tokax.decode.proposers.draft_model import draft_unembed, subset_head_params
 from tokax.decode.proposers.ngram import latest_match
+from tokax.decode.proposers.retrieval import build_table
 from tokax.decode.sampling import SamplingParams, process_logits
 from tokax.decode.speculative import SpeculativeGenerator
 from tokax.model import config as mc
@@ -26,7 +27,7 @@ B = 2048  # rows per call; greedy and sampling calls share one compiled program 
 K = 3
 # *_subset: the draft's head covers only SUBSET (q = 0 on the other tokens, as the distilled
 # Gemma draft's frequent-token head); the target's mass there must come from the residual.
-METHODS = ["draft", "draft_subset", "prompt_lookup", "anpd", "kangaroo", "specdec_pp", "specdec_pp_subset"]
+METHODS = ["draft", "draft_subset", "prompt_lookup", "retrieval", "retrieval_table", "anpd", "kangaroo", "specdec_pp", "specdec_pp_subset"]
 SUBSET = [0, 2, 3, 5, 6]
 SAMPLING = SamplingParams.make(temperature=0.9, top_k=6, top_p=0.95)
 SAMPLE_PROMPT = [3, 5, 2, 7, 3, 5, 2, 6, 3, 5]  # repeats, so n-gram lookups find drafts
@@ -70,10 +71,16 @@ def generators(target):
     dcfg = mc.tiny(vocab_size=V, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, ffn_dim=32)
     dparams = model_params(dcfg, seed=5)
     head = specdec_pp.init_head(dcfg.d_model, jax.random.PRNGKey(4), scale=4.0)
+    rs = np.random.RandomState(11)
+    table = build_table([rs.randint(0, V, size=60) for _ in range(40)], max_n=2, min_count=1)
     made = {
         "draft": (P.DraftModelProposer(dcfg, k=K), dparams),
         "prompt_lookup": (P.PromptLookupProposer(k=K, max_ngram=2), None),
         "anpd": (P.ANPDProposer(k=K, max_ngram=3, init_ngram=2), None),
+        # A datastore of random "documents" over the small vocabulary: every short context is
+        # stored, so rows whose context has no match still draft (and the table alone drafts always).
+        "retrieval": (P.RetrievalProposer(k=K, max_ngram=2, min_conf=0.2), table),
+        "retrieval_table": (P.RetrievalProposer(k=K, min_conf=0.2, prompt_lookup=False), table),
         "kangaroo": (
             P.KangarooProposer.make(cfg, n_shallow=1, k=K, threshold=0.4),
             numpy_init(jax.eval_shape(lambda k: kangaroo.init_adapter(cfg, 1, k), jax.random.PRNGKey(0)), seed=3),

@@ -38,7 +38,7 @@ def test_gemma_greedy_lossless(gemma, method, tmp_path):
     the draft-model methods) but small rounds and trees to keep CI time down."""
     cfg, params, tok, ref = gemma
     c = spec_config.get_config(method)
-    c.k = 4 if method in ("prompt_lookup", "anpd", "draft") else 2
+    c.k = 4 if method in ("prompt_lookup", "retrieval", "anpd", "draft") else 2
     c.branching, c.table_k, c.n_nodes, c.rounds, c.max_children = (2, 2, 1), 2, 6, 3, 2
     c.spectr_k, c.spectr_length, c.medusa_topk = 2, 3, (2, 2)
     if method == "medusa":  # untrained (copy-next) heads: the loop, not the heads, is under test
@@ -49,8 +49,9 @@ def test_gemma_greedy_lossless(gemma, method, tmp_path):
     outs, stats = gen.generate(PROMPTS, N_NEW)
     assert outs == ref
     assert all(s["new_tokens"] == len(o) and s["target_passes"] >= 1 for s, o in zip(stats, outs))
-    if method in ("draft", "tree", "dyspec", "spectr", "token_recycling"):
-        # The distilled draft and the target's own past top-k both get drafts accepted.
+    if method in ("draft", "retrieval", "tree", "dyspec", "spectr", "token_recycling"):
+        # The distilled draft, the standard library's datastore and the target's own past top-k
+        # all get drafts accepted.
         assert sum(s["accepted"] for s in stats) > 0
 
 

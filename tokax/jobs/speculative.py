@@ -11,7 +11,7 @@ import time
 
 from tokax.jobs import check, check_decoding, load_prompts
 
-CHAIN_METHODS = ("draft", "prompt_lookup", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise")
+CHAIN_METHODS = ("draft", "prompt_lookup", "retrieval", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise")
 # Token-tree methods run by the tree loop: name here -> name in tree_proposers.make_tree_proposer.
 TREE_METHODS = {"tree": "draft_tree", "dyspec": "dyspec", "spectr": "spectr", "token_recycling": "token_recycling",
                 "medusa": "medusa"}
@@ -34,6 +34,11 @@ def validate(c) -> None:
     check(c.k >= 1, "k", c.k, "must be >= 1 (maximum draft tokens per round)")
     check(1 <= c.min_ngram <= c.max_ngram, "min_ngram", c.min_ngram, f"need 1 <= min_ngram <= max_ngram={c.max_ngram}")
     check(c.min_ngram <= c.init_ngram <= c.max_ngram, "init_ngram", c.init_ngram, "must be in [min_ngram, max_ngram]")
+    check(c.retrieval_ngram >= 1 and c.retrieval_min_count >= 1, "retrieval_ngram", c.retrieval_ngram,
+          "retrieval_ngram and retrieval_min_count must be >= 1")
+    check(0 <= c.retrieval_min_conf <= 1, "retrieval_min_conf", c.retrieval_min_conf, "must be in [0, 1]")
+    check(c.retrieval_corpus == "stdlib" or os.path.isdir(c.retrieval_corpus), "retrieval_corpus",
+          c.retrieval_corpus, "use 'stdlib' or a directory of .py/.txt/.md files")
     check(0 <= c.kangaroo_threshold <= 1, "kangaroo_threshold", c.kangaroo_threshold, "must be in [0, 1]")
     check(0 <= c.specdec_threshold <= 1, "specdec_threshold", c.specdec_threshold, "must be in [0, 1]")
     check(0 < c.specdec_prior < 1, "specdec_prior", c.specdec_prior, "must be in (0, 1)")
@@ -68,6 +73,14 @@ def build_proposer(c, cfg, params):
 
     if c.method == "prompt_lookup":
         return P.PromptLookupProposer(k=c.k, max_ngram=c.max_ngram, min_ngram=c.min_ngram), None
+    if c.method == "retrieval":
+        from tokax.decode.proposers.retrieval import corpus_table
+        from tokax.tokenize import load_gemma3_tokenizer
+
+        table = corpus_table(load_gemma3_tokenizer(), c.retrieval_corpus, max_n=c.retrieval_ngram,
+                             min_count=c.retrieval_min_count)
+        return P.RetrievalProposer(k=c.k, max_ngram=c.max_ngram, min_ngram=c.min_ngram,
+                                   min_conf=c.retrieval_min_conf), table
     if c.method == "anpd":
         return P.ANPDProposer(k=c.k, max_ngram=c.max_ngram, min_ngram=c.min_ngram, init_ngram=c.init_ngram), None
     if c.method == "lookahead":

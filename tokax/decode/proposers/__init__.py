@@ -100,6 +100,7 @@ from tokax.decode.proposers.draft_model import DraftModelProposer  # noqa: E402
 from tokax.decode.proposers.kangaroo import KangarooProposer  # noqa: E402
 from tokax.decode.proposers.lookahead import LookaheadProposer  # noqa: E402
 from tokax.decode.proposers.ngram import ANPDProposer, PromptLookupProposer  # noqa: E402
+from tokax.decode.proposers.retrieval import RetrievalProposer  # noqa: E402
 from tokax.decode.proposers.specdec_pp import SpecDecPPProposer  # noqa: E402
 
 __all__ = [
@@ -112,6 +113,7 @@ __all__ = [
     "PromptLookupProposer",
     "Proposal",
     "Proposer",
+    "RetrievalProposer",
     "SpecDecPPProposer",
     "load_params",
     "save_params",
