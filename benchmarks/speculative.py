@@ -184,18 +184,16 @@ def load_target():
     return cfg, params, load_gemma3_tokenizer()
 
 
-PAD = "prompt"  # --pad: "prompt" = each prompt padded to its own power-of-two bucket, "set" = to the set's
-
-
-def encode(tok, prompts):
+def encode(tok, prompts, pad: str = "prompt"):
     """Token ids of ``prompts`` and the length each is padded to (one compiled program per
     bucket and method). Each prompt gets its own power-of-two bucket, as ``Generator.generate``
     picks by default: padding a 47-token prompt to its set's longest bucket makes every call
-    pay a 512-token prefill, plain and speculative alike, which HF (unpadded) does not. ``--pad set`` restores the set-wide padding of the session-4 runs."""
+    pay a 512-token prefill, plain and speculative alike, which HF (unpadded) does not.
+    ``pad="set"`` (``--pad set``) restores the set-wide padding of the session-4 runs."""
     from tokax.decode.generate import bucket
 
     ids = [tok.encode(p, add_bos=True) for p in prompts]
-    if PAD == "set":
+    if pad == "set":
         return ids, [bucket(max(len(x) for x in ids))] * len(ids)
     return ids, [bucket(len(x)) for x in ids]
 
@@ -214,7 +212,7 @@ def bench_tokax(sets: dict, args, target) -> dict:
     N = args.new_tokens
     res = {}
     for name, prompts in sets.items():
-        ids, pads = encode(tok, prompts)
+        ids, pads = encode(tok, prompts, args.pad)
         t_plain, ref = plain_greedy(cfg, params, ids, N, pads)
         log(f"[{name}] tokax plain greedy: {len(ids) * N / t_plain:.1f} tok/s")
         rows = {"plain": {"seconds": t_plain, "tok_s": len(ids) * N / t_plain}}
@@ -250,7 +248,7 @@ def bench_sweep(prompts: list, args, target) -> dict:
     Token Recycling on the same templates)."""
     cfg, params, tok = target
     N = args.new_tokens
-    ids, pads = encode(tok, prompts)
+    ids, pads = encode(tok, prompts, args.pad)
     t_plain, ref = plain_greedy(cfg, params, ids, N, pads)
     out = {"plain_seconds": t_plain, "budgets": {}}
     for n, templates in SWEEP_TEMPLATES.items():
@@ -282,7 +280,7 @@ def bench_spectr(prompts: list, args, target) -> dict:
 
     cfg, params, tok = target
     N = args.new_tokens
-    ids, pads = encode(tok, prompts)
+    ids, pads = encode(tok, prompts, args.pad)
     sp = SamplingParams.make(1.0)
     L = args.spectr_length
     rows = {"draft (single chain)": run_method(method_config("draft", args, k=L), cfg, params, ids, N, pads, sp=sp)}
@@ -415,8 +413,6 @@ def main():
     ap.add_argument("--spectr-length", type=int, default=4)
     ap.add_argument("--spectr-prompts", type=int, default=10)
     args = ap.parse_args()
-    global PAD
-    PAD = args.pad
     args.methods = [m for m in args.methods.split(",") if m]
     args.sweep_families = [m for m in args.sweep_families.split(",") if m]
     args.sweep_budgets = [int(n) for n in args.sweep_budgets.split(",") if n]

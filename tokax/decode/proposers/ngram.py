@@ -54,6 +54,12 @@ def _suffix(seq: jax.Array, end: jax.Array, n: int) -> tuple[jax.Array, jax.Arra
     return jnp.take_along_axis(seq, jnp.clip(idx, 0, seq.shape[1] - 1), axis=1), end >= n
 
 
+def write_token(seq: jax.Array, tok: jax.Array, pos: jax.Array) -> jax.Array:
+    """``seq [B, S]`` with ``tok [B]`` written at ``pos [B]`` (clamped at the buffer end): a
+    draft appended to the history so the next draft token's context includes it."""
+    return jax.vmap(lambda r, t, p: jax.lax.dynamic_update_slice(r, t[None], (p,)))(seq, tok, pos)
+
+
 def _check_sizes(k: int, min_ngram: int, max_ngram: int):
     if k < 1:
         raise ValueError(f"k={k}: the number of draft tokens per round must be >= 1")
@@ -144,7 +150,7 @@ class ANPDProposer:
             n_draft = n_draft + active.astype(jnp.int32)
             # Write the draft so the next token's context includes it (clamped at the buffer end;
             # a row that far along is never active, S leaves room for K drafts).
-            ext = jax.vmap(lambda r, t, p: jax.lax.dynamic_update_slice(r, t[None], (p,)))(ext, nxt, L + i)
+            ext = write_token(ext, nxt, L + i)
         return Proposal(tokens=tokens, n=n_draft), st
 
     def update(self, st: ANPDState, ctx, n_draft, n_acc, live) -> ANPDState:

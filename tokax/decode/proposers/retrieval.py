@@ -35,7 +35,7 @@ import numpy as np
 from flax import struct
 
 from tokax.decode.proposers import Context, Proposal
-from tokax.decode.proposers.ngram import PromptLookupProposer, _check_sizes
+from tokax.decode.proposers.ngram import PromptLookupProposer, _check_sizes, _suffix, write_token
 
 PROBES = 8  # hash slots tried per lookup (linear probing)
 
@@ -156,7 +156,7 @@ def table_draft(table: NGramTable, seq: jax.Array, seq_len: jax.Array, live: jax
                 min_conf: float) -> tuple[jax.Array, jax.Array]:
     """Up to ``k`` tokens per row after ``seq[:, :seq_len]`` from the datastore alone:
     ``(tokens [B, k], n [B])``."""
-    B, S = seq.shape
+    B = seq.shape[0]
     ext = seq
     tokens = jnp.zeros((B, k), jnp.int32)
     active = live
@@ -167,17 +167,16 @@ def table_draft(table: NGramTable, seq: jax.Array, seq_len: jax.Array, live: jax
         nxt = jnp.zeros((B,), jnp.int32)
         good = jnp.zeros((B,), bool)
         for n in range(table.max_n, 0, -1):  # the longest stored context decides
-            idx = end[:, None] - n + jnp.arange(n, dtype=jnp.int32)[None, :]
-            ctx = jnp.take_along_axis(ext, jnp.clip(idx, 0, S - 1), axis=1)
+            ctx, has = _suffix(ext, end, n)
             hit, tok, c = lookup(table, ctx)
-            hit = ~found & hit & (end >= n)
+            hit = ~found & hit & has
             nxt = jnp.where(hit, tok, nxt)
             good = jnp.where(hit, c >= min_conf, good)
             found = found | hit
         active = active & found & good
         tokens = tokens.at[:, i].set(jnp.where(active, nxt, 0))
         n_draft = n_draft + active.astype(jnp.int32)
-        ext = jax.vmap(lambda r, t, p: jax.lax.dynamic_update_slice(r, t[None], (p,)))(ext, nxt, end)
+        ext = write_token(ext, nxt, end)
     return tokens, n_draft
 
 
@@ -218,16 +217,20 @@ class RetrievalProposer:
         return st
 
 
+def _tokenized(tokenizer, paths) -> list[np.ndarray]:
+    docs = []
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            docs.append(np.asarray(tokenizer.encode(f.read(), add_bos=True), np.int32))
+    return docs
+
+
 def stdlib_table(tokenizer, max_n: int = 3, min_count: int = 2, split: str = "train") -> NGramTable:
     """The datastore of the Python standard library's source (``split`` of
     ``tokax.train.data.stdlib_files``; the benchmark's code prompts come from the other split)."""
     from tokax.train.data import stdlib_files
 
-    docs = []
-    for path in stdlib_files(split):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            docs.append(np.asarray(tokenizer.encode(f.read(), add_bos=True), np.int32))
-    return build_table(docs, max_n=max_n, min_count=min_count)
+    return build_table(_tokenized(tokenizer, stdlib_files(split)), max_n=max_n, min_count=min_count)
 
 
 def corpus_table(tokenizer, corpus: str, max_n: int = 3, min_count: int = 2) -> NGramTable:
@@ -239,13 +242,10 @@ def corpus_table(tokenizer, corpus: str, max_n: int = 3, min_count: int = 2) -> 
 
     if not os.path.isdir(corpus):
         raise ValueError(f"retrieval corpus {corpus!r}: use 'stdlib' or a directory of .py/.txt/.md files")
-    docs = []
+    paths = []
     for root, dirs, files in os.walk(corpus):
         dirs.sort()
-        for fn in sorted(files):
-            if fn.endswith((".py", ".txt", ".md")):
-                with open(os.path.join(root, fn), encoding="utf-8", errors="replace") as f:
-                    docs.append(np.asarray(tokenizer.encode(f.read(), add_bos=True), np.int32))
-    if not docs:
+        paths += [os.path.join(root, fn) for fn in sorted(files) if fn.endswith((".py", ".txt", ".md"))]
+    if not paths:
         raise ValueError(f"retrieval corpus {corpus!r} has no .py/.txt/.md files")
-    return build_table(docs, max_n=max_n, min_count=min_count)
+    return build_table(_tokenized(tokenizer, paths), max_n=max_n, min_count=min_count)
