@@ -23,13 +23,14 @@ whether the output equals plain greedy token for token. HF: plain
 framework against its own baseline).
 
     python benchmarks/speculative.py [--json] [--new-tokens 64] [--n-prompts 20] \
-        [--methods prompt_lookup,anpd,draft,specdec_pp,tree,dyspec,token_recycling] [--k 5] [--no-hf] \
+        [--methods prompt_lookup,retrieval,retrieval_tree,anpd,draft,tree,dyspec] [--k 5] [--no-hf] \
         [--sweep --sweep-plot PNG] [--spectr] [--plot PNG] [--results JSON]
 
 Methods are the names of ``configs/speculative.py`` (chain and token-tree),
 with its default ``greedy_screen=True`` (greedy verification through the
 bfloat16 screen of the unembedding, ``tokax.model.screen``: the same tokens);
-``NAME/f32`` runs a method with float32 logits instead, for comparison.
+``NAME/f32`` runs a method with float32 logits instead, for comparison;
+``retrieval_tree/A-B-C`` runs the retrieval tree with node budgets (A, B, C).
 The draft-model methods use the distilled draft shipped with tokax
 (``--draft``), blockwise / medusa the shipped trained heads
 (``--blockwise-heads``). With ``--json`` the last line maps each set to
@@ -207,6 +208,19 @@ def plain_greedy(cfg, params, ids, N, pads):
     return time_calls(lambda xp: call(*xp), list(zip(ids, pads)))
 
 
+def variant_overrides(method: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME/VARIANT`` -> (NAME, config overrides): ``/f32`` verifies greedy rounds
+    from float32 logits; ``retrieval_tree/5-3-2`` sets the tree's node budget per candidate."""
+    base, _, variant = method.partition("/")
+    if not variant:
+        return base, {}
+    if variant == "f32":
+        return base, {"greedy_screen": False}
+    if base == "retrieval_tree" and re.fullmatch(r"\d+(-\d+)*", variant):
+        return base, {"retrieval_branches": tuple(int(x) for x in variant.split("-"))}
+    raise SystemExit(f"method {method!r}: variants are NAME/f32 and retrieval_tree/A-B-C")
+
+
 def bench_tokax(sets: dict, args, target) -> dict:
     cfg, params, tok = target
     N = args.new_tokens
@@ -217,8 +231,8 @@ def bench_tokax(sets: dict, args, target) -> dict:
         log(f"[{name}] tokax plain greedy: {len(ids) * N / t_plain:.1f} tok/s")
         rows = {"plain": {"seconds": t_plain, "tok_s": len(ids) * N / t_plain}}
         for method in args.methods:
-            base, _, variant = method.partition("/")  # "NAME/f32": greedy verification from float32 logits
-            c = method_config(base, args, **({"greedy_screen": False} if variant == "f32" else {}))
+            base, over = variant_overrides(method)
+            c = method_config(base, args, **over)
             rows[method] = run_method(c, cfg, params, ids, N, pads, ref)
             rows[method]["speedup"] = t_plain / rows[method]["seconds"]
             log(f"[{name}] {method}: {rows[method]}")
@@ -392,7 +406,8 @@ def main():
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--draft-layers", type=int, default=4)
     ap.add_argument("--methods", default="prompt_lookup,anpd,draft,specdec_pp,tree,dyspec,token_recycling",
-                    help="names of configs/speculative.py; NAME/f32 runs NAME with greedy_screen=False")
+                    help="names of configs/speculative.py; NAME/f32 runs NAME with greedy_screen=False; "
+                         "retrieval_tree/A-B-C sets its retrieval_branches")
     ap.add_argument("--sets", default="code,rewrite,prose")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--pad", choices=("prompt", "set"), default="prompt",

@@ -6,7 +6,9 @@
 ``get_config("METHOD")`` presets the method (``configs/speculative.py:anpd``).
 Methods: draft (the draft model named by ``draft``: by default the distilled
 draft shipped with tokax, see configs/distill.py:draft), prompt_lookup,
-retrieval (prompt lookup, else an n-gram datastore of the standard library), anpd,
+retrieval (prompt lookup, else an n-gram datastore of the standard library),
+retrieval_tree (the same sources, and the datastore's runner-up, merged into one
+token tree), anpd,
 kangaroo (first ``kangaroo_layers`` layers + adapter + LM head), specdec_pp
 (the draft model + an acceptance head), lookahead (n-gram pool of the target's
 own guesses), blockwise (k heads on the target's hidden state; train them with
@@ -20,7 +22,7 @@ blockwise heads' top-k tree). All are lossless.
 import ml_collections
 
 METHODS = ("draft", "prompt_lookup", "retrieval", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise",
-           "tree", "dyspec", "spectr", "token_recycling", "medusa")
+           "tree", "dyspec", "spectr", "token_recycling", "medusa", "retrieval_tree")
 
 
 def get_config(arg=None):
@@ -55,6 +57,10 @@ def get_config(arg=None):
     c.retrieval_ngram = 3  # longest stored context
     c.retrieval_min_count = 3  # a context is stored when its top continuation was seen this often
     c.retrieval_min_conf = 0.3  # drafting stops at a continuation with a smaller share
+    # retrieval_tree: node slots per candidate (prompt lookup, datastore chain, datastore runner-up
+    # + chain), each below the prefix it shares with the earlier ones; the first is the draft length
+    c.retrieval_branches = (5, 2, 2)
+    c.retrieval_alt_min_conf = 0.1  # the runner-up is drafted when its share is at least this
     # draft / specdec_pp: the draft model
     # 'distilled': the draft shipped with tokax (configs/distill.py:draft: Gemma's first 4 layers + LoRA,
     # a 16k-token head); 'distilled:DIR': one exported by experiments/distill_gemma_draft.py;

@@ -49,7 +49,7 @@ def test_gemma_greedy_lossless(gemma, method, tmp_path):
     outs, stats = gen.generate(PROMPTS, N_NEW)
     assert outs == ref
     assert all(s["new_tokens"] == len(o) and s["target_passes"] >= 1 for s, o in zip(stats, outs))
-    if method in ("draft", "retrieval", "tree", "dyspec", "spectr", "token_recycling"):
+    if method in ("draft", "retrieval", "retrieval_tree", "tree", "dyspec", "spectr", "token_recycling"):
         # The distilled draft, the standard library's datastore and the target's own past top-k
         # all get drafts accepted.
         assert sum(s["accepted"] for s in stats) > 0

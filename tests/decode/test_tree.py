@@ -5,6 +5,8 @@ plain greedy decoding token for token (ragged batch, ragged acceptance); and
 sampled output follows the target's exact distribution (chi-square over the
 first three tokens, the distribution enumerated with the model)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +24,9 @@ from tests.decode.test_verify import chi2_pvalue
 from tokax.decode.generate import Generator
 from tokax.decode.proposers import tree_proposers as TP
 from tokax.decode.proposers.blockwise import init_heads
-from tokax.decode.tree import Tree, TreeVerifier, block_mask, block_positions, compact_to_path, tree_depth
+from tokax.decode.proposers.retrieval import RetrievalTreeProposer, build_table
+from tokax.decode.tree import (Tree, TreeVerifier, block_mask, block_positions, compact_to_path, tree_depth,
+                               valid_first)
 from tokax.decode.tree_speculative import TreeSpeculativeGenerator
 from tokax.model import config as mc
 from tokax.model import kv_cache as kvc
@@ -30,7 +34,7 @@ from tokax.model.decoder import forward, forward_jit
 
 V = 8
 B = 2048  # greedy and sampling calls share one compiled program per method
-METHODS = ["draft_tree", "dyspec", "token_recycling", "spectr", "medusa"]
+METHODS = ["draft_tree", "dyspec", "token_recycling", "spectr", "medusa", "retrieval_tree"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +60,10 @@ def generators(target, draft):
         "spectr": (TP.SpecTrProposer(dcfg, k=3, length=3), dparams),
         # Medusa: the blockwise heads' top-k tree from the target's own hidden state (random heads)
         "medusa": (TP.MedusaTreeProposer(topk=(3, 2, 1)), init_heads(cfg.d_model, 3, jax.random.PRNGKey(3), scale=1.0)),
+        # Retrieval as a tree: prompt lookup, a datastore of random documents and its runner-up.
+        "retrieval_tree": (RetrievalTreeProposer(branches=(3, 2, 1), max_ngram=2, min_conf=0.2, alt_min_conf=0.05),
+                           build_table(list(np.random.RandomState(11).randint(0, V, size=(40, 60))), max_n=2,
+                                       min_count=1)),
     }
     return {m: TreeSpeculativeGenerator(cfg, params, prop, pp, eos_ids=()) for m, (prop, pp) in made.items()}
 
@@ -227,7 +235,7 @@ def exact(target):
     return p
 
 
-@pytest.mark.parametrize("method", ["draft_tree", "dyspec", "spectr", "medusa"])
+@pytest.mark.parametrize("method", ["draft_tree", "dyspec", "spectr", "medusa", "retrieval_tree"])
 def test_sampling_matches_target_distribution(generators, exact, method):
     codes, st = sampled_codes(generators[method], seeds=range(3))
     accepted = sum(s["accepted"] for s in st)
@@ -283,3 +291,65 @@ def test_medusa_chain_tree_matches_blockwise_chain(target):
     assert t_out == c_out
     assert [s["accepted"] for s in t_st] == [s["accepted"] for s in c_st]
     assert sum(s["accepted"] for s in t_st) > 0
+
+
+def test_valid_first_keeps_paths_and_sibling_order():
+    """``valid_first`` moves valid nodes to the front: every valid node keeps its root path, the
+    parents still precede their children, and siblings keep their relative order."""
+    rs = np.random.RandomState(5)
+    rows, N = 50, 10
+    parents, tokens, valid = random_trees(rs, rows, N, 5)
+    q = rs.rand(rows, N, 5).astype(np.float32)
+    t = Tree(tokens=jnp.asarray(tokens), parents=jnp.asarray(parents), valid=jnp.asarray(valid), q_probs=jnp.asarray(q))
+    u = valid_first(t)
+    up, ut, uv, uq = (np.asarray(x) for x in (u.parents, u.tokens, u.valid, u.q_probs))
+    for b in range(rows):
+        n = valid[b].sum()
+        assert uv[b, :n].all() and not uv[b, n:].any()
+        old = [i for i in range(N) if valid[b, i]]
+        for new_i, old_i in enumerate(old):
+            assert up[b, new_i] < new_i and ut[b, new_i] == tokens[b, old_i] and (uq[b, new_i] == q[b, old_i]).all()
+            want = [tokens[b, j] for j in path_to(parents[b], old_i)]
+            assert [ut[b, j] for j in path_to(up[b], new_i)] == want
+        kids = lambda par, idx, p: [i for i in idx if par[i] == p]  # noqa: E731
+        for p_old in [-1] + old:
+            p_new = -1 if p_old < 0 else old.index(p_old)
+            assert [old[i] for i in kids(up[b], range(n), p_new)] == kids(parents[b], old, p_old)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LastNodeOracle:
+    """Test proposer: three children of the root, the last one the target's greedy token (from a
+    cache-free forward), the first two wrong. Greedy verification accepts the last valid node
+    every round, so the next token comes from that node's score in the pass."""
+
+    cfg: mc.ModelConfig
+    n_nodes, max_depth, verify_sizes = 3, 1, (1, 2, 3, 4)
+
+    def check(self, cfg):
+        pass
+
+    def verifier(self):
+        return TreeVerifier()
+
+    def init(self, tparams, pparams, prompt, prompt_len, cache_len):
+        return ()
+
+    def propose(self, tparams, pparams, st, ctx, sp, rng):
+        B, S = ctx.seq.shape
+        logits, _, _ = forward(self.cfg, tparams, ctx.seq, jnp.broadcast_to(jnp.arange(S), (B, S)))
+        best = jnp.argmax(jnp.take_along_axis(logits, (ctx.seq_len - 1)[:, None, None], axis=1)[:, 0], -1)
+        toks = jnp.stack([(best + 1) % V, (best + 2) % V, best], axis=1).astype(jnp.int32)
+        return Tree(tokens=toks, parents=jnp.full((B, 3), -1, jnp.int32), valid=jnp.ones((B, 3), bool) & ctx.live[:, None]), st
+
+
+def test_short_passes_score_the_last_valid_node(target, plain_greedy):
+    """With variable pass lengths the pass always reaches the last valid node: a proposer whose
+    accepted node is always the last one still reproduces plain greedy, accepting every round."""
+    cfg, params = target
+    base, budgets = ragged_prompts()
+    gen = TreeSpeculativeGenerator(cfg, params, _LastNodeOracle(cfg), None, eos_ids=())
+    assert gen.verify_sizes == (1, 2, 3, 4)
+    out, stats = gen.generate(base, budgets)
+    assert out == plain_greedy
+    assert all(s["accepted"] >= s["target_passes"] - 1 for s in stats)  # only a budget cuts a round short

@@ -129,6 +129,21 @@ def block_positions(tree: Tree, root_pos: jax.Array, live: jax.Array) -> jax.Arr
     return jnp.where(ok, pos, -1).astype(jnp.int32)
 
 
+def valid_first(tree: Tree) -> Tree:
+    """The same tree with its valid nodes moved to the front, keeping their order (so parents
+    still precede children and siblings keep the order the verifiers try them in). With the
+    valid nodes first, a verify pass over the first ``1 + n_valid`` block tokens scores them all
+    (``tree_step``'s ``verify_sizes``)."""
+    B, N = tree.tokens.shape
+    perm = jnp.argsort(~tree.valid, axis=1, stable=True).astype(jnp.int32)  # new index -> old index
+    inv = jnp.argsort(perm, axis=1).astype(jnp.int32)  # old index -> new index
+    par = jnp.take_along_axis(tree.parents, perm, axis=1)
+    par = jnp.where(par >= 0, jnp.take_along_axis(inv, jnp.maximum(par, 0), axis=1), -1)
+    take = lambda x: jnp.take_along_axis(x, perm.reshape(perm.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    return Tree(tokens=take(tree.tokens), parents=par, valid=take(tree.valid),
+                q_probs=None if tree.q_probs is None else take(tree.q_probs))
+
+
 def compact_to_path(cache: kvc.KVCache, start: jax.Array, path: jax.Array, n_acc: jax.Array,
                     live: jax.Array) -> kvc.KVCache:
     """Keep the root and the accepted nodes of a tree block written at slot

@@ -33,7 +33,7 @@ from flax import struct
 
 from tokax.decode.proposers import Context
 from tokax.decode.sampling import SamplingParams
-from tokax.decode.speculative import SpeculativeGenerator, buffer_sizes
+from tokax.decode.speculative import SpeculativeGenerator, buffer_sizes, verify_block_sizes
 from tokax.decode.tree import (SpecTrVerifier, TreeVerifier, block_mask, block_positions, compact_to_path,
                                greedy_tree_accept)
 from tokax.model import kv_cache as kvc
@@ -96,11 +96,13 @@ def init_tree_state(cfg, params, proposer, pparams, prompt, prompt_len, max_new,
 
 
 def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, max_new, eos_ids,
-              verifier, screen: ArgmaxScreen | None = None) -> TreeState:
+              verifier, screen: ArgmaxScreen | None = None, verify_sizes: tuple[int, ...] | None = None) -> TreeState:
     """One round: propose a tree, verify it in one target pass, keep the accepted path. With a
     ``screen``, greedy rounds of the built-in verifiers take the target's greedy tokens from it
     (``tokax.model.screen``; the same tokens, cheaper on CPU); Token Recycling, which reads the
-    target's top-k, always scores full logits."""
+    target's top-k, always scores full logits. ``verify_sizes`` (static pass lengths, as in
+    ``tokax.decode.speculative``): each round scores only the block up to its last valid node,
+    padded to the smallest such length; default one pass over all ``1 + N`` slots."""
     D = proposer.max_depth
     B = s.seq.shape[0]
     live = ~s.done
@@ -114,19 +116,40 @@ def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, 
     positions = block_positions(tree, s.seq_len - 1, live)  # [B, 1+N]
     start = s.cache.length
     mask = block_mask(tree.parents)
+    N = tree.tokens.shape[1]
+    sizes = verify_block_sizes(N, verify_sizes) if verify_sizes is not None else (1 + N,)
+
+    def pass_of(size, greedy):
+        # Score only the root and the first size - 1 nodes: with the valid nodes first
+        # (``valid_first``), a round whose trees are small gets a short pass.
+        def run(_):
+            lg, h, c = forward(cfg, params, block[:, :size], positions[:, :size], s.cache,
+                               block_mask=mask[:, :size, :size], return_logits=not greedy)
+            pad = ((0, 0), (0, 1 + N - size))
+            out = greedy_tokens(cfg, params, h, screen) if greedy else lg
+            return jnp.pad(out, pad + ((0, 0),) * (out.ndim - 2)), jnp.pad(h, pad + ((0, 0),)), c
+
+        return run
+
+    def target_pass(greedy):  # ([B, 1+N] greedy tokens or [B, 1+N, V] logits, [B, 1+N, D] hidden, cache)
+        if len(sizes) == 1:
+            return pass_of(sizes[0], greedy)(None)
+        need = jnp.max(jnp.where(tree.valid, jnp.arange(N, dtype=jnp.int32)[None, :], -1)) + 2  # the last valid node
+        idx = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need)  # smallest size >= need
+        return jax.lax.switch(idx, [pass_of(z, greedy) for z in sizes], None)
 
     def greedy_round(_):  # only the target's greedy tokens: from the screen, no float32 logits
-        _, h, c = forward(cfg, params, block, positions, s.cache, block_mask=mask, return_logits=False)
-        return greedy_tree_accept(greedy_tokens(cfg, params, h, screen), tree, D), h, c
+        top, h, c = target_pass(True)
+        return greedy_tree_accept(top, tree, D), h, c
 
     def verified_round(_):
-        lg, h, c = forward(cfg, params, block, positions, s.cache, block_mask=mask)
+        lg, h, c = target_pass(False)
         return verifier(lg, tree, sp, k_ver, D), h, c
 
     observes_logits = hasattr(proposer, "observe")  # Token Recycling reads the target's top-k
     p_logits = None
     if screen is None or observes_logits or not isinstance(verifier, (TreeVerifier, SpecTrVerifier)):
-        p_logits, hidden, cache = forward(cfg, params, block, positions, s.cache, block_mask=mask)
+        p_logits, hidden, cache = target_pass(False)
         n_acc, path, nxt = verifier(p_logits, tree, sp, k_ver, D)
     else:  # these verifiers are greedy at temperature 0
         (n_acc, path, nxt), hidden, cache = jax.lax.cond(sp.temperature <= 0.0, greedy_round, verified_round, None)
@@ -166,7 +189,8 @@ def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, 
                      rng=rng, done=done, step=s.step + 1, stats=stats)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "proposer", "buffer_len", "eos_ids", "pad_id", "verifier"))
+@functools.partial(jax.jit, static_argnames=("cfg", "proposer", "buffer_len", "eos_ids", "pad_id", "verifier",
+                                             "verify_sizes"))
 def tree_speculative_generate(
     cfg: ModelConfig,
     params: Params,
@@ -183,6 +207,7 @@ def tree_speculative_generate(
     pad_id: int = 0,
     verifier: Callable | None = None,
     screen: ArgmaxScreen | None = None,
+    verify_sizes: tuple[int, ...] | None = None,
 ):
     """Jitted prefill + tree-speculative while loop. Returns ``(tokens [B,
     buffer_len], n_gen [B], TreeStats)``; ``tokens`` past ``n_gen`` are
@@ -196,7 +221,7 @@ def tree_speculative_generate(
         return (s.step < buffer_len) & ~jnp.all(s.done)
 
     def body(s: TreeState):
-        return tree_step(cfg, params, proposer, pparams, s, sp, max_new, eos_ids, verifier, screen)
+        return tree_step(cfg, params, proposer, pparams, s, sp, max_new, eos_ids, verifier, screen, verify_sizes)
 
     s = jax.lax.while_loop(cond, body, s)
     i = jnp.arange(buffer_len, dtype=jnp.int32)[None, :]
@@ -212,9 +237,13 @@ class TreeSpeculativeGenerator(SpeculativeGenerator):
 
     def __init__(self, cfg: ModelConfig, params: Params, proposer, pparams: Any = None, tokenizer=None,
                  eos_ids: Sequence[int] | None = None, pad_id: int | None = None, verifier: Callable | None = None,
-                 greedy_screen=False):
+                 greedy_screen=False, verify_sizes: Sequence[int] | None = None):
         self._setup(cfg, params, proposer, pparams, tokenizer, eos_ids, pad_id,
                     verifier if verifier is not None else proposer.verifier(), greedy_screen)
+        # Variable pass lengths pay off for proposers that put their valid nodes first
+        # (``tree.valid_first``) and say so with a ``verify_sizes`` attribute.
+        sizes = verify_sizes if verify_sizes is not None else getattr(proposer, "verify_sizes", None)
+        self.verify_sizes = None if sizes is None else verify_block_sizes(proposer.n_nodes, tuple(sizes))
 
     def _slots(self, prompt_bucket: int, buffer_len: int) -> tuple[int, str]:
         _, slots = tree_buffer_sizes(prompt_bucket, buffer_len, self.proposer.n_nodes)
@@ -224,4 +253,5 @@ class TreeSpeculativeGenerator(SpeculativeGenerator):
         return tree_speculative_generate(
             self.cfg, self.params, self.proposer, self.pparams, prompt, lens, budgets, sp, rng, buffer_len=buffer_len,
             eos_ids=self.eos_ids, pad_id=self.pad_id, verifier=self.verifier, screen=self.screen,
+            verify_sizes=self.verify_sizes,
         )

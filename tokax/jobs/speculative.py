@@ -4,6 +4,7 @@ target (``configs/speculative.py``); prints text, or one JSON line per prompt
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ from tokax.jobs import check, check_decoding, load_prompts
 CHAIN_METHODS = ("draft", "prompt_lookup", "retrieval", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise")
 # Token-tree methods run by the tree loop: name here -> name in tree_proposers.make_tree_proposer.
 TREE_METHODS = {"tree": "draft_tree", "dyspec": "dyspec", "spectr": "spectr", "token_recycling": "token_recycling",
-                "medusa": "medusa"}
+                "medusa": "medusa", "retrieval_tree": None}  # None: built here (it needs the datastore)
 METHODS = CHAIN_METHODS + tuple(TREE_METHODS)
 
 
@@ -37,6 +38,10 @@ def validate(c) -> None:
     check(c.retrieval_ngram >= 1 and c.retrieval_min_count >= 1, "retrieval_ngram", c.retrieval_ngram,
           "retrieval_ngram and retrieval_min_count must be >= 1")
     check(0 <= c.retrieval_min_conf <= 1, "retrieval_min_conf", c.retrieval_min_conf, "must be in [0, 1]")
+    check(0 <= c.retrieval_alt_min_conf <= 1, "retrieval_alt_min_conf", c.retrieval_alt_min_conf, "must be in [0, 1]")
+    br = tuple(c.retrieval_branches)
+    check(len(br) >= 1 and min(br) >= 1 and max(br) == br[0], "retrieval_branches", br,
+          "needs >= 1 node per candidate, the first the largest (it is also the draft length)")
     check(c.retrieval_corpus == "stdlib" or os.path.isdir(c.retrieval_corpus), "retrieval_corpus",
           c.retrieval_corpus, "use 'stdlib' or a directory of .py/.txt/.md files")
     check(0 <= c.kangaroo_threshold <= 1, "kangaroo_threshold", c.kangaroo_threshold, "must be in [0, 1]")
@@ -74,13 +79,8 @@ def build_proposer(c, cfg, params):
     if c.method == "prompt_lookup":
         return P.PromptLookupProposer(k=c.k, max_ngram=c.max_ngram, min_ngram=c.min_ngram), None
     if c.method == "retrieval":
-        from tokax.decode.proposers.retrieval import corpus_table
-        from tokax.tokenize import load_gemma3_tokenizer
-
-        table = corpus_table(load_gemma3_tokenizer(), c.retrieval_corpus, max_n=c.retrieval_ngram,
-                             min_count=c.retrieval_min_count)
         return P.RetrievalProposer(k=c.k, max_ngram=c.max_ngram, min_ngram=c.min_ngram,
-                                   min_conf=c.retrieval_min_conf), table
+                                   min_conf=c.retrieval_min_conf), retrieval_table(c)
     if c.method == "anpd":
         return P.ANPDProposer(k=c.k, max_ngram=c.max_ngram, min_ngram=c.min_ngram, init_ngram=c.init_ngram), None
     if c.method == "lookahead":
@@ -113,6 +113,20 @@ def build_proposer(c, cfg, params):
     return prop, {"model": dparams, "head": head}
 
 
+def retrieval_table(c):
+    """The n-gram datastore of ``c.retrieval_corpus`` (``tokax.decode.proposers.retrieval``),
+    built once per process for each (corpus, retrieval_ngram, retrieval_min_count)."""
+    return _corpus_table(c.retrieval_corpus, c.retrieval_ngram, c.retrieval_min_count)
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus_table(corpus: str, max_n: int, min_count: int):
+    from tokax.decode.proposers.retrieval import corpus_table
+    from tokax.tokenize import load_gemma3_tokenizer
+
+    return corpus_table(load_gemma3_tokenizer(), corpus, max_n=max_n, min_count=min_count)
+
+
 def screen_option(c, cfg) -> bool:
     """The configs' ``greedy_screen`` key, honoured for float32 targets (the screen is a bf16 copy)."""
     return bool(c.get("greedy_screen", False)) and cfg.dtype == "float32"
@@ -127,6 +141,13 @@ def make_generator(c, cfg, params, tok=None, **kw):
         from tokax.decode.proposers.tree_proposers import make_tree_proposer
         from tokax.decode.tree_speculative import TreeSpeculativeGenerator
 
+        if c.method == "retrieval_tree":
+            from tokax.decode.proposers.retrieval import RetrievalTreeProposer
+
+            prop = RetrievalTreeProposer(branches=tuple(c.retrieval_branches), max_ngram=c.max_ngram,
+                                         min_ngram=c.min_ngram, min_conf=c.retrieval_min_conf,
+                                         alt_min_conf=c.retrieval_alt_min_conf)
+            return TreeSpeculativeGenerator(cfg, params, prop, retrieval_table(c), tok, **kw)
         heads = P.load_params(heads_path(c.blockwise_heads)) if c.method == "medusa" else None
         prop, pparams = make_tree_proposer(
             TREE_METHODS[c.method], cfg, params, draft=c.draft, draft_layers=c.draft_layers,
