@@ -26,6 +26,9 @@ framework against its own baseline).
         [--methods prompt_lookup,retrieval,retrieval_tree,anpd,draft,tree,dyspec] [--k 5] [--no-hf] \
         [--sweep --sweep-plot PNG] [--spectr] [--plot PNG] [--results JSON]
 
+tokax plain greedy is ``Generator(greedy_screen=True)``: its greedy tokens come
+from the same screen as the speculative methods' (until session 6 it computed
+float32 logits, a few percent slower; ``benchmarks/screen.py --plain-loop``).
 Methods are the names of ``configs/speculative.py`` (chain and token-tree),
 with its default ``greedy_screen=True`` (greedy verification through the
 bfloat16 screen of the unembedding, ``tokax.model.screen``: the same tokens);
@@ -202,7 +205,7 @@ def encode(tok, prompts, pad: str = "prompt"):
 def plain_greedy(cfg, params, ids, N, pads):
     from tokax.decode.generate import Generator
 
-    plain = Generator(cfg, params, eos_ids=(), pad_id=0)
+    plain = Generator(cfg, params, eos_ids=(), pad_id=0, greedy_screen=True)  # the baseline uses the screen too
     call = lambda x, pad: plain.generate([x], N, pad_to=pad)[0]  # noqa: E731
     warm_up(call, ids, pads)
     return time_calls(lambda xp: call(*xp), list(zip(ids, pads)))

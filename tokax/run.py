@@ -43,7 +43,8 @@ def run_generate(c, demo: bool = False) -> list[dict]:
     t0 = time.perf_counter()
     cfg, params = load_gemma3(c.dtype, progress=not quiet)
     tok = load_gemma3_tokenizer()
-    gen = Generator(cfg, params, tok)
+    # Greedy tokens through the bf16 screen of the unembedding (same tokens; float32 only).
+    gen = Generator(cfg, params, tok, greedy_screen=bool(c.get("greedy_screen", False)) and cfg.dtype == "float32")
     if not quiet:
         print(f"loaded {cfg.name} ({c.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     rows, n_tok, t_gen = [], 0, 0.0

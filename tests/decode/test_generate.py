@@ -88,3 +88,15 @@ def test_errors(gen):
         gen.generate([[1] * 4000], 200)
     with pytest.raises(ValueError, match="tokenizer"):
         gen.generate(["text needs a tokenizer"], 4)
+
+
+def test_greedy_screen_gives_the_same_tokens(gen):
+    """``greedy_screen=True``: greedy tokens from the screen equal the full recompute's argmax
+    (ragged batch), and sampling (which needs logits) is unchanged, draw for draw."""
+    scr = Generator(gen.cfg, gen.params, eos_ids=(1,), pad_id=0, greedy_screen=True)
+    assert scr.screen is not None and gen.screen is None
+    prompts = [[5, 9, 2, 17, 33, 8, 4], [3], [40, 41, 42, 7]]
+    got = scr.generate(prompts, max_new_tokens=12)
+    assert got == [greedy_by_full_forward(gen.cfg, gen.params, p, 12) for p in prompts]
+    sp = SamplingParams.make(temperature=8.0)
+    assert scr.generate(prompts, 12, sampling=sp, seed=3) == gen.generate(prompts, 12, sampling=sp, seed=3)

@@ -92,3 +92,11 @@ def test_gemma_screened_argmax_on_real_hidden_states(gemma):
     f = jax.jit(screened_argmax)
     got = np.concatenate([np.asarray(f(screen, params["embed"], hidden[0, i:i + 6])) for i in range(0, 504, 6)])
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.slow
+def test_gemma_plain_greedy_through_the_screen(gemma):
+    """``Generator(greedy_screen=True)`` (the speculative benchmark's plain baseline) decodes
+    exactly what float32 plain greedy does."""
+    cfg, params, tok, ref = gemma
+    assert Generator(cfg, params, tok, greedy_screen=True).generate(PROMPTS, N_NEW) == ref

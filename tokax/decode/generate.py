@@ -23,6 +23,7 @@ from tokax.decode.sampling import SamplingParams, sample
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params, forward, unembed
+from tokax.model.screen import ArgmaxScreen, screen_for, screened_argmax
 
 
 @struct.dataclass
@@ -30,7 +31,7 @@ class DecodeState:
     tokens: jax.Array  # [B, N] generated ids (pad after a row stops)
     n_gen: jax.Array  # [B] tokens generated so far per row
     next_pos: jax.Array  # [B] position id of the next token fed to the model
-    logits: jax.Array  # [B, V] logits for the next token
+    logits: jax.Array  # [B, V] logits for the next token; with a screen, the final hidden state [B, D]
     cache: kvc.KVCache
     rng: jax.Array
     done: jax.Array  # [B] bool
@@ -42,16 +43,18 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def prefill(cfg: ModelConfig, params: Params, prompt: jax.Array, prompt_len: jax.Array, cache: kvc.KVCache):
+def prefill(cfg: ModelConfig, params: Params, prompt: jax.Array, prompt_len: jax.Array, cache: kvc.KVCache,
+            hidden_only: bool = False):
     """Run right-padded prompts ``[B, P]`` (true lengths ``[B]``) through the
-    model; returns the logits of each row's last prompt token ``[B, V]`` and
-    the filled cache (padding slots hold position -1 and are never attended)."""
+    model; returns the logits of each row's last prompt token ``[B, V]`` (with
+    ``hidden_only``, its final hidden state ``[B, D]``) and the filled cache
+    (padding slots hold position -1 and are never attended)."""
     B, P = prompt.shape
     ar = jnp.arange(P, dtype=jnp.int32)[None, :]
     positions = jnp.where(ar < prompt_len[:, None], ar, -1)
     _, hidden, cache = forward(cfg, params, prompt, positions, cache, return_logits=False)
     last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
-    return unembed(cfg, params, last), cache
+    return (last if hidden_only else unembed(cfg, params, last)), cache
 
 
 def _stop(tok: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -61,10 +64,10 @@ def _stop(tok: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return hit
 
 
-def init_state(cfg, params, prompt, prompt_len, rng, buffer_len: int) -> DecodeState:
+def init_state(cfg, params, prompt, prompt_len, rng, buffer_len: int, screen: ArgmaxScreen | None = None) -> DecodeState:
     B, P = prompt.shape
     cache = kvc.init_cache(cfg, B, P + buffer_len)
-    logits, cache = prefill(cfg, params, prompt, prompt_len, cache)
+    logits, cache = prefill(cfg, params, prompt, prompt_len, cache, hidden_only=screen is not None)
     return DecodeState(
         tokens=jnp.zeros((B, buffer_len), jnp.int32),
         n_gen=jnp.zeros((B,), jnp.int32),
@@ -77,22 +80,34 @@ def init_state(cfg, params, prompt, prompt_len, rng, buffer_len: int) -> DecodeS
     )
 
 
-def decode_step(cfg, params, state: DecodeState, sp: SamplingParams, max_new: jax.Array, eos_ids, pad_id: int) -> DecodeState:
+def next_token(cfg, params, key, head: jax.Array, sp: SamplingParams, screen: ArgmaxScreen | None) -> jax.Array:
+    """One token per row from ``head``: logits ``[B, V]``, or with a ``screen`` the final hidden
+    state ``[B, D]``, whose greedy token comes from the screen (``tokax.model.screen``: the float32
+    argmax, without the float32 unembedding) and whose sampled token from its logits."""
+    if screen is None:
+        return sample(key, head, sp)
+    return jax.lax.cond(sp.temperature <= 0.0, lambda _: screened_argmax(screen, params["embed"], head),
+                        lambda _: sample(key, unembed(cfg, params, head), sp), None)
+
+
+def decode_step(cfg, params, state: DecodeState, sp: SamplingParams, max_new: jax.Array, eos_ids, pad_id: int,
+                screen: ArgmaxScreen | None = None) -> DecodeState:
     """Sample one token per live row, append it, and feed it to the model."""
     rng, key = jax.random.split(state.rng)
-    tok = sample(key, state.logits, sp)
+    tok = next_token(cfg, params, key, state.logits, sp, screen)
     live = ~state.done
     tok = jnp.where(live, tok, pad_id)
     tokens = state.tokens.at[:, state.step].set(tok)
     n_gen = state.n_gen + live.astype(jnp.int32)
     done = state.done | (live & _stop(tok, eos_ids)) | (n_gen >= max_new)
     pos = jnp.where(live, state.next_pos, -1)  # finished rows write empty slots
-    logits, _, cache = forward(cfg, params, tok[:, None], pos[:, None], state.cache)
+    logits, hidden, cache = forward(cfg, params, tok[:, None], pos[:, None], state.cache,
+                                    return_logits=screen is None)
     return state.replace(
         tokens=tokens,
         n_gen=n_gen,
         next_pos=state.next_pos + 1,
-        logits=logits[:, 0],
+        logits=(logits if screen is None else hidden)[:, 0],
         cache=cache,
         rng=rng,
         done=done,
@@ -113,16 +128,18 @@ def generate_tokens(
     buffer_len: int,
     eos_ids: tuple[int, ...] = (1,),
     pad_id: int = 0,
+    screen: ArgmaxScreen | None = None,
 ):
-    """Jitted prefill + while-loop decode. Returns ``(tokens [B, buffer_len], n_gen [B])``."""
-    state = init_state(cfg, params, prompt, prompt_len, rng, buffer_len)
+    """Jitted prefill + while-loop decode. Returns ``(tokens [B, buffer_len], n_gen [B])``.
+    With a ``screen``, greedy tokens come from it (the same tokens, cheaper on CPU)."""
+    state = init_state(cfg, params, prompt, prompt_len, rng, buffer_len, screen)
     state = state.replace(done=max_new <= 0)
 
     def cond(s: DecodeState):
         return (s.step < buffer_len) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
-        return decode_step(cfg, params, s, sp, max_new, eos_ids, pad_id)
+        return decode_step(cfg, params, s, sp, max_new, eos_ids, pad_id, screen)
 
     state = jax.lax.while_loop(cond, body, state)
     return state.tokens, state.n_gen
@@ -144,11 +161,15 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int | Non
 
 class Generator:
     """Generation for a model and tokenizer, with compiled programs cached per
-    shape bucket. ``generate`` takes strings or token lists."""
+    shape bucket. ``generate`` takes strings or token lists. ``greedy_screen=True``
+    (float32 params) takes greedy tokens from the bfloat16 screen of the
+    unembedding (``tokax.model.screen``): the same tokens, cheaper on CPU."""
 
-    def __init__(self, cfg: ModelConfig, params: Params, tokenizer=None, eos_ids: Sequence[int] | None = None, pad_id: int | None = None):
+    def __init__(self, cfg: ModelConfig, params: Params, tokenizer=None, eos_ids: Sequence[int] | None = None,
+                 pad_id: int | None = None, greedy_screen=False):
         self.cfg = cfg
         self.params = params
+        self.screen = screen_for(params, greedy_screen)
         self.tokenizer = tokenizer
         if eos_ids is None:
             eos_ids = (tokenizer.eos_id,) if tokenizer is not None else (1,)
@@ -198,7 +219,7 @@ class Generator:
         sp = sampling if sampling is not None else SamplingParams.make()
         toks, n = generate_tokens(
             self.cfg, self.params, jnp.asarray(prompt), jnp.asarray(lens), jnp.asarray(budgets), sp,
-            jax.random.PRNGKey(seed), buffer_len=N, eos_ids=self.eos_ids, pad_id=self.pad_id,
+            jax.random.PRNGKey(seed), buffer_len=N, eos_ids=self.eos_ids, pad_id=self.pad_id, screen=self.screen,
         )
         toks, n = np.asarray(toks), np.asarray(n)
         return [toks[i, : n[i]].tolist() for i in range(B)]
