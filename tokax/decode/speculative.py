@@ -118,6 +118,33 @@ def verify_block_sizes(k: int, sizes: tuple[int, ...] | None, can_be_empty: bool
     return sizes
 
 
+def sized_pass(cfg, params, block, positions, cache, sizes: tuple[int, ...], need, greedy: bool,
+               screen: ArgmaxScreen | None, block_mask=None):
+    """The target pass over the first ``size`` tokens of ``block [B, T]``, ``size`` the smallest
+    of the static ``sizes`` that is at least ``need`` (traced): on hardware where a pass costs
+    about its token count (CPU), short drafts get short passes. Outputs are padded back to ``T``:
+    ``([B, T] greedy tokens, or [B, T, V] logits, [B, T, D] hidden, cache)``. A greedy pass with a
+    ``screen`` takes the greedy tokens from it, without float32 logits. ``block_mask [B, T, T]``
+    (token trees) is cut to the same size."""
+    T = block.shape[1]
+
+    def pass_of(size):
+        def run(_):
+            mask = None if block_mask is None else block_mask[:, :size, :size]
+            lg, h, c = forward(cfg, params, block[:, :size], positions[:, :size], cache, block_mask=mask,
+                               return_logits=not greedy)
+            pad = ((0, 0), (0, T - size))
+            out = greedy_tokens(cfg, params, h, screen) if greedy else lg
+            return jnp.pad(out, pad + ((0, 0),) * (out.ndim - 2)), jnp.pad(h, pad + ((0, 0),)), c
+
+        return run
+
+    if len(sizes) == 1:
+        return pass_of(sizes[0])(None)
+    idx = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need)  # smallest size >= need
+    return jax.lax.switch(idx, [pass_of(z) for z in sizes], None)
+
+
 def spec_step(cfg, params, proposer, pparams, s: SpecState, sp: SamplingParams, max_new, eos_ids, verifier,
               verify_sizes: tuple[int, ...] | None = None, screen: ArgmaxScreen | None = None) -> SpecState:
     """One round: propose, verify in one target pass, keep the accepted prefix. With a ``screen``
@@ -139,24 +166,10 @@ def spec_step(cfg, params, proposer, pparams, s: SpecState, sp: SamplingParams, 
 
     sizes = verify_block_sizes(K, verify_sizes, getattr(proposer, "can_be_empty", True))
 
-    def pass_of(size, greedy):
-        # Score only the first `size` block tokens (a row's last token and up to size-1 drafts): on
-        # hardware where a pass costs about its token count (CPU), short drafts get short passes.
-        # A greedy round with a screen needs only the target's greedy tokens, not its logits.
-        def run(_):
-            lg, h, c = forward(cfg, params, block[:, :size], positions[:, :size], s.cache, return_logits=not greedy)
-            pad = ((0, 0), (0, K + 1 - size))
-            out = greedy_tokens(cfg, params, h, screen) if greedy else lg
-            return jnp.pad(out, pad + ((0, 0),) * (out.ndim - 2)), jnp.pad(h, pad + ((0, 0),)), c
-
-        return run
+    need = jnp.max(jnp.where(live, n_draft, 0)) + 1  # the longest live row's block
 
     def target_pass(greedy):  # ([B, K+1] greedy tokens or [B, K+1, V] logits, [B, K+1, D] hidden, cache)
-        if len(sizes) == 1:
-            return pass_of(sizes[0], greedy)(None)
-        need = jnp.max(jnp.where(live, n_draft, 0)) + 1  # the longest live row's block
-        idx = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need)  # smallest size >= need
-        return jax.lax.switch(idx, [pass_of(z, greedy) for z in sizes], None)
+        return sized_pass(cfg, params, block, positions, s.cache, sizes, need, greedy, screen)
 
     def greedy_round(_):
         top, h, c = target_pass(True)

@@ -33,7 +33,7 @@ from flax import struct
 
 from tokax.decode.proposers import Context
 from tokax.decode.sampling import SamplingParams
-from tokax.decode.speculative import SpeculativeGenerator, buffer_sizes, verify_block_sizes
+from tokax.decode.speculative import SpeculativeGenerator, buffer_sizes, sized_pass, verify_block_sizes
 from tokax.decode.tree import (SpecTrVerifier, TreeVerifier, block_mask, block_positions, compact_to_path,
                                greedy_tree_accept)
 from tokax.model import kv_cache as kvc
@@ -119,24 +119,11 @@ def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, 
     N = tree.tokens.shape[1]
     sizes = verify_block_sizes(N, verify_sizes) if verify_sizes is not None else (1 + N,)
 
-    def pass_of(size, greedy):
-        # Score only the root and the first size - 1 nodes: with the valid nodes first
-        # (``valid_first``), a round whose trees are small gets a short pass.
-        def run(_):
-            lg, h, c = forward(cfg, params, block[:, :size], positions[:, :size], s.cache,
-                               block_mask=mask[:, :size, :size], return_logits=not greedy)
-            pad = ((0, 0), (0, 1 + N - size))
-            out = greedy_tokens(cfg, params, h, screen) if greedy else lg
-            return jnp.pad(out, pad + ((0, 0),) * (out.ndim - 2)), jnp.pad(h, pad + ((0, 0),)), c
-
-        return run
+    # With the valid nodes first (``valid_first``), a round whose trees are small gets a short pass.
+    need = jnp.max(jnp.where(tree.valid, jnp.arange(N, dtype=jnp.int32)[None, :], -1)) + 2  # the last valid node
 
     def target_pass(greedy):  # ([B, 1+N] greedy tokens or [B, 1+N, V] logits, [B, 1+N, D] hidden, cache)
-        if len(sizes) == 1:
-            return pass_of(sizes[0], greedy)(None)
-        need = jnp.max(jnp.where(tree.valid, jnp.arange(N, dtype=jnp.int32)[None, :], -1)) + 2  # the last valid node
-        idx = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need)  # smallest size >= need
-        return jax.lax.switch(idx, [pass_of(z, greedy) for z in sizes], None)
+        return sized_pass(cfg, params, block, positions, s.cache, sizes, need, greedy, screen, mask)
 
     def greedy_round(_):  # only the target's greedy tokens: from the screen, no float32 logits
         top, h, c = target_pass(True)
