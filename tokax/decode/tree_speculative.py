@@ -39,7 +39,7 @@ from tokax.decode.tree import (SpecTrVerifier, TreeVerifier, block_mask, block_p
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params, forward
-from tokax.model.screen import ArgmaxScreen, greedy_tokens
+from tokax.model.screen import ArgmaxScreen
 
 
 @struct.dataclass

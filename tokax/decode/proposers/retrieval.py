@@ -297,7 +297,7 @@ def merge_into_tree(cand: jax.Array, n_cand: jax.Array, branches: tuple[int, ...
         tokens.append(jnp.take_along_axis(gtok[:, m], jnp.minimum(idx, K - 1), axis=1))
         valid.append(idx < glen[:, m:m + 1])
         own = base + jnp.arange(width, dtype=jnp.int32)[None, :]
-        parents.append(jnp.concatenate([first_parent[:, None], own[:, :-1] * jnp.ones((B, 1), jnp.int32)], axis=1))
+        parents.append(jnp.concatenate([first_parent[:, None], jnp.broadcast_to(own[:, :-1], (B, width - 1))], axis=1))
         held = jnp.minimum(glen[:, m], shared + width)
         node_at.append(jnp.where(ar < shared[:, None], at, jnp.where(ar < held[:, None], base + ar - shared[:, None], -1)))
         rep.append(held)
