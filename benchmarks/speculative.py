@@ -56,7 +56,6 @@ import os
 import platform
 import re
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -78,28 +77,9 @@ def log(*a):
 
 
 def code_prompts(n: int) -> list[str]:
-    import ast
+    from tokax.train.data import function_prefixes, stdlib_files
 
-    from tokax.train.data import stdlib_files
-
-    out = []
-    for path in stdlib_files("eval"):
-        src = Path(path).read_text(encoding="utf-8", errors="replace")
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:
-            continue
-        lines = src.splitlines(keepends=True)
-        for node in ast.walk(tree):
-            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)
-                    and node.end_lineno - node.lineno + 1 >= CODE_MIN_LINES):
-                body = lines[node.lineno - 1 : node.end_lineno]
-                cut = max(3, len(body) // 3)  # signature, docstring head, first lines of the body
-                out.append(textwrap.dedent("".join(body[: min(cut, 25)])))
-                break
-        if len(out) == n:
-            break
-    return out
+    return function_prefixes(stdlib_files("eval"), min_lines=CODE_MIN_LINES, per_file=1)[:n]
 
 
 def paragraphs() -> list[str]:
@@ -212,16 +192,25 @@ def plain_greedy(cfg, params, ids, N, pads):
 
 
 def variant_overrides(method: str) -> tuple[str, dict]:
-    """``NAME`` or ``NAME/VARIANT`` -> (NAME, config overrides): ``/f32`` verifies greedy rounds
-    from float32 logits; ``retrieval_tree/5-3-2`` sets the tree's node budget per candidate."""
-    base, _, variant = method.partition("/")
-    if not variant:
-        return base, {}
-    if variant == "f32":
-        return base, {"greedy_screen": False}
-    if base == "retrieval_tree" and re.fullmatch(r"\d+(-\d+)*", variant):
-        return base, {"retrieval_branches": tuple(int(x) for x in variant.split("-"))}
-    raise SystemExit(f"method {method!r}: variants are NAME/f32 and retrieval_tree/A-B-C")
+    """``NAME`` or ``NAME/VARIANT[/VARIANT...]`` -> (NAME, config overrides): ``/f32`` verifies
+    greedy rounds from float32 logits; ``/pow2`` or ``/every`` picks the verify-pass lengths
+    (``verify_sizes``); ``/stdlib``, ``/greedy`` or ``/stdlib+greedy`` the retrieval corpus;
+    ``retrieval_tree/5-3-2`` sets the tree's node budget per candidate."""
+    base, *variants = method.split("/")
+    over = {}
+    for v in variants:
+        if v == "f32":
+            over["greedy_screen"] = False
+        elif v in ("pow2", "every"):
+            over["verify_sizes"] = v
+        elif v in ("stdlib", "greedy", "stdlib+greedy"):
+            over["retrieval_corpus"] = v
+        elif base == "retrieval_tree" and re.fullmatch(r"\d+(-\d+)*", v):
+            over["retrieval_branches"] = tuple(int(x) for x in v.split("-"))
+        else:
+            raise SystemExit(f"method {method!r}: variants are /f32, /pow2, /every, /stdlib, /greedy, "
+                             "/stdlib+greedy and retrieval_tree/A-B-C")
+    return base, over
 
 
 def bench_tokax(sets: dict, args, target) -> dict:

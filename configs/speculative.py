@@ -6,7 +6,8 @@
 ``get_config("METHOD")`` presets the method (``configs/speculative.py:anpd``).
 Methods: draft (the draft model named by ``draft``: by default the distilled
 draft shipped with tokax, see configs/distill.py:draft), prompt_lookup,
-retrieval (prompt lookup, else an n-gram datastore of the standard library),
+retrieval (prompt lookup, else an n-gram datastore of the standard library and of
+Gemma's own greedy continuations of it),
 retrieval_tree (the same sources, and the datastore's runner-up, merged into one
 token tree), anpd,
 kangaroo (first ``kangaroo_layers`` layers + adapter + LM head), specdec_pp
@@ -43,6 +44,10 @@ def get_config(arg=None):
     # bounds (tokax.model.screen): the same tokens as the float32 argmax, about half the cost of
     # a multi-position unembedding on CPU; 335 MB more memory; float32 only (ignored for bfloat16).
     c.greedy_screen = True
+    # Verify-pass lengths a round picks from (the smallest that holds its drafts): 'every' (1 .. k+1,
+    # one compiled pass each), 'pow2' (1, 2, 4, .. and k+1) or 'full' (always k+1). Token trees
+    # use them only where the proposer puts valid nodes first (retrieval_tree).
+    c.verify_sizes = "every"
 
     c.method = arg or "prompt_lookup"  # one of METHODS
     c.k = 5  # maximum draft tokens per round
@@ -52,14 +57,17 @@ def get_config(arg=None):
     c.init_ngram = 2  # anpd: starting n-gram size (adapted online)
     # retrieval: prompt lookup, and where the context has no match a draft from an n-gram
     # datastore of a corpus (tokax.decode.proposers.retrieval): 'stdlib' = the standard library's
-    # training split, or a directory of .py/.txt/.md files
-    c.retrieval_corpus = "stdlib"
+    # training split; 'greedy' = Gemma 3 270M's own greedy continuations of training-split code
+    # (shipped; experiments/build_greedy_corpus.py); 'stdlib+greedy' = both; or a directory of
+    # .py/.txt/.md files
+    c.retrieval_corpus = "stdlib+greedy"
+    c.retrieval_greedy_weight = 3  # 'stdlib+greedy': times each greedy continuation is counted
     c.retrieval_ngram = 3  # longest stored context
     c.retrieval_min_count = 3  # a context is stored when its top continuation was seen this often
-    c.retrieval_min_conf = 0.3  # drafting stops at a continuation with a smaller share
+    c.retrieval_min_conf = 0.15  # drafting stops at a continuation with a smaller share
     # retrieval_tree: node slots per candidate (prompt lookup, datastore chain, datastore runner-up
     # + chain), each below the prefix it shares with the earlier ones; the first is the draft length
-    c.retrieval_branches = (5, 2, 2)
+    c.retrieval_branches = (5, 1, 1)
     c.retrieval_alt_min_conf = 0.1  # the runner-up is drafted when its share is at least this
     # draft / specdec_pp: the draft model
     # 'distilled': the draft shipped with tokax (configs/distill.py:draft: Gemma's first 4 layers + LoRA,

@@ -87,7 +87,7 @@ def test_tiny_vocabulary_and_single_position():
     cfg = mc.tiny(vocab_size=V)
     params = model_params(cfg, seed=1)
     h = jnp.asarray(rs.randn(1, 1, cfg.d_model), jnp.float32)
-    top = greedy_tokens(cfg, params, h, screen_for(params, True))  # one position: float32 path
+    top = greedy_tokens(cfg, params, h, screen_for(params, True))  # one position, through the screen
     np.testing.assert_array_equal(np.asarray(top), f64_argmax(h, params["embed"]))
 
 

@@ -160,3 +160,22 @@ def test_sentencepiece_tokenizer_trains_and_roundtrips(tmp_path):
     src = "def f(x):\n    return x + 1  # ünïcode\n"
     assert tok.decode(tok.encode(src)) == src
     assert len(tok.encode(src)) < len(src.encode())  # it compresses
+
+
+def test_function_prefixes(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(12))
+    (tmp_path / "a.py").write_text(
+        'def short():\n    """Doc."""\n    return 1\n\n'  # too short
+        + 'def nodoc(a):\n' + body + '\n'  # no docstring
+        + 'class C:\n    def method(self):\n        """Doc line."""\n'
+        + "".join("    " + line for line in body.splitlines(keepends=True)) + '\n'
+        + 'def second():\n    """Another."""\n' + body)
+    (tmp_path / "b.py").write_text("def broken(:\n")  # does not parse: skipped
+    paths = [str(tmp_path / "a.py"), str(tmp_path / "b.py")]
+    got = D.function_prefixes(paths)
+    # in ast.walk order (breadth first: top-level functions, then methods); 14 lines each -> the
+    # first 4, dedented
+    assert got == ['def second():\n    """Another."""\n    x0 = 0\n    x1 = 1\n',
+                   'def method(self):\n    """Doc line."""\n    x0 = 0\n    x1 = 1\n']
+    assert D.function_prefixes(paths, per_file=1) == got[:1]
+    assert D.function_prefixes(paths, min_lines=3)[0].startswith("def short():")

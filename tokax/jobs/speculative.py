@@ -42,8 +42,13 @@ def validate(c) -> None:
     br = tuple(c.retrieval_branches)
     check(len(br) >= 1 and min(br) >= 1 and max(br) == br[0], "retrieval_branches", br,
           "needs >= 1 node per candidate, the first the largest (it is also the draft length)")
-    check(c.retrieval_corpus == "stdlib" or os.path.isdir(c.retrieval_corpus), "retrieval_corpus",
-          c.retrieval_corpus, "use 'stdlib' or a directory of .py/.txt/.md files")
+    from tokax.decode.proposers.retrieval import CORPORA
+
+    check(c.retrieval_corpus in CORPORA or os.path.isdir(c.retrieval_corpus), "retrieval_corpus",
+          c.retrieval_corpus, f"use one of {', '.join(CORPORA)} or a directory of .py/.txt/.md files")
+    check(c.get("verify_sizes", "pow2") in VERIFY_SIZES, "verify_sizes", c.get("verify_sizes"),
+          f"use one of {', '.join(VERIFY_SIZES)}")
+    check(c.retrieval_greedy_weight >= 1, "retrieval_greedy_weight", c.retrieval_greedy_weight, "must be >= 1")
     check(0 <= c.kangaroo_threshold <= 1, "kangaroo_threshold", c.kangaroo_threshold, "must be in [0, 1]")
     check(0 <= c.specdec_threshold <= 1, "specdec_threshold", c.specdec_threshold, "must be in [0, 1]")
     check(0 < c.specdec_prior < 1, "specdec_prior", c.specdec_prior, "must be in (0, 1)")
@@ -115,21 +120,32 @@ def build_proposer(c, cfg, params):
 
 def retrieval_table(c):
     """The n-gram datastore of ``c.retrieval_corpus`` (``tokax.decode.proposers.retrieval``),
-    built once per process for each (corpus, retrieval_ngram, retrieval_min_count)."""
-    return _corpus_table(c.retrieval_corpus, c.retrieval_ngram, c.retrieval_min_count)
+    built once per process for each (corpus, retrieval_ngram, retrieval_min_count, retrieval_greedy_weight)."""
+    return _corpus_table(c.retrieval_corpus, c.retrieval_ngram, c.retrieval_min_count, c.retrieval_greedy_weight)
 
 
 @functools.lru_cache(maxsize=4)
-def _corpus_table(corpus: str, max_n: int, min_count: int):
+def _corpus_table(corpus: str, max_n: int, min_count: int, greedy_weight: int):
     from tokax.decode.proposers.retrieval import corpus_table
     from tokax.tokenize import load_gemma3_tokenizer
 
-    return corpus_table(load_gemma3_tokenizer(), corpus, max_n=max_n, min_count=min_count)
+    return corpus_table(load_gemma3_tokenizer(), corpus, max_n=max_n, min_count=min_count,
+                        greedy_weight=greedy_weight)
 
 
 def screen_option(c, cfg) -> bool:
     """The configs' ``greedy_screen`` key, honoured for float32 targets (the screen is a bf16 copy)."""
     return bool(c.get("greedy_screen", False)) and cfg.dtype == "float32"
+
+
+VERIFY_SIZES = ("every", "pow2", "full")
+
+
+def pass_sizes(c, n: int):
+    """The verify-pass lengths of ``c.verify_sizes`` for at most ``n`` drafted tokens or nodes
+    (None: the loop's default, 1, 2, 4, .. and n + 1)."""
+    mode = c.get("verify_sizes", "pow2")
+    return {"every": tuple(range(1, n + 2)), "pow2": None, "full": (n + 1,)}[mode]
 
 
 def make_generator(c, cfg, params, tok=None, **kw):
@@ -147,6 +163,7 @@ def make_generator(c, cfg, params, tok=None, **kw):
             prop = RetrievalTreeProposer(branches=tuple(c.retrieval_branches), max_ngram=c.max_ngram,
                                          min_ngram=c.min_ngram, min_conf=c.retrieval_min_conf,
                                          alt_min_conf=c.retrieval_alt_min_conf)
+            kw.setdefault("verify_sizes", pass_sizes(c, prop.n_nodes) or prop.verify_sizes)
             return TreeSpeculativeGenerator(cfg, params, prop, retrieval_table(c), tok, **kw)
         heads = P.load_params(heads_path(c.blockwise_heads)) if c.method == "medusa" else None
         prop, pparams = make_tree_proposer(
@@ -158,6 +175,7 @@ def make_generator(c, cfg, params, tok=None, **kw):
     from tokax.decode.speculative import SpeculativeGenerator
 
     proposer, pparams = build_proposer(c, cfg, params)
+    kw.setdefault("verify_sizes", pass_sizes(c, proposer.k))
     return SpeculativeGenerator(cfg, params, proposer, pparams, tok, **kw)
 
 

@@ -211,6 +211,35 @@ def stdlib_files(split: str = "train", eval_percent: int = 5, root: str | None =
     return sorted(out)
 
 
+def function_prefixes(paths: Sequence[str], min_lines: int = 12, max_lines: int = 25,
+                      per_file: int | None = None) -> list[str]:
+    """Code-completion prompts: the opening of each function or method of ``paths`` (in
+    ``ast.walk`` order) that has a docstring and at least ``min_lines`` lines, dedented: its
+    first third (3 to ``max_lines`` lines: signature, docstring head, the body's first lines).
+    ``per_file``: at most that many per file. Files that do not parse are skipped."""
+    import textwrap
+
+    out = []
+    for path in paths:
+        src = _read(path)
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        lines = src.splitlines(keepends=True)
+        taken = 0
+        for node in ast.walk(tree):
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)
+                    and node.end_lineno - node.lineno + 1 >= min_lines):
+                body = lines[node.lineno - 1: node.end_lineno]
+                cut = max(3, len(body) // 3)
+                out.append(textwrap.dedent("".join(body[: min(cut, max_lines)])))
+                taken += 1
+                if per_file is not None and taken >= per_file:
+                    break
+    return out
+
+
 def _read(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()

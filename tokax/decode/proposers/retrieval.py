@@ -397,15 +397,44 @@ def stdlib_table(tokenizer, max_n: int = 3, min_count: int = 2, split: str = "tr
     return build_table(_tokenized(tokenizer, stdlib_files(split)), max_n=max_n, min_count=min_count)
 
 
-def corpus_table(tokenizer, corpus: str, max_n: int = 3, min_count: int = 2) -> NGramTable:
-    """``corpus``: 'stdlib' (the standard library's training split) or a directory whose
-    ``.py``, ``.txt`` and ``.md`` files (recursively) are the documents."""
-    if corpus == "stdlib":
-        return stdlib_table(tokenizer, max_n, min_count)
+GREEDY_CORPUS = "gemma3_270m_greedy_code"  # tokax/assets/<this>/tokens.npz
+
+
+def greedy_corpus_docs(name: str = GREEDY_CORPUS) -> list[np.ndarray]:
+    """The shipped greedy continuations of Gemma 3 270M on training-split code
+    (``experiments/build_greedy_corpus.py``), one token array per continuation."""
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "assets", name, "tokens.npz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run experiments/build_greedy_corpus.py")
+    with np.load(path) as z:
+        tokens, lengths = z["tokens"], z["lengths"]
+    return np.split(tokens, np.cumsum(lengths)[:-1])
+
+
+CORPORA = ("stdlib", "greedy", "stdlib+greedy")
+
+
+def corpus_table(tokenizer, corpus: str, max_n: int = 3, min_count: int = 2, greedy_weight: int = 1) -> NGramTable:
+    """``corpus``: 'stdlib' (the standard library's training split), 'greedy' (the target's own
+    greedy continuations of training-split code, ``greedy_corpus_docs``: Gemma 3 270M's habits,
+    so only useful for that target), 'stdlib+greedy' (both, each greedy continuation counted
+    ``greedy_weight`` times), or a directory whose ``.py``, ``.txt`` and ``.md`` files
+    (recursively) are the documents."""
+    if corpus in CORPORA:
+        if greedy_weight < 1:
+            raise ValueError(f"greedy_weight={greedy_weight}: need >= 1")
+        from tokax.train.data import stdlib_files
+
+        docs = _tokenized(tokenizer, stdlib_files("train")) if "stdlib" in corpus else []
+        docs += greedy_corpus_docs() * greedy_weight if "greedy" in corpus else []
+        return build_table(docs, max_n=max_n, min_count=min_count)
     import os
 
     if not os.path.isdir(corpus):
-        raise ValueError(f"retrieval corpus {corpus!r}: use 'stdlib' or a directory of .py/.txt/.md files")
+        raise ValueError(f"retrieval corpus {corpus!r}: use one of {CORPORA} or a directory of .py/.txt/.md files")
     paths = []
     for root, dirs, files in os.walk(corpus):
         dirs.sort()
