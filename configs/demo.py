@@ -10,7 +10,8 @@ def get_config(arg=None):
     c.batch_size = 1  # one prompt at a time, so the progress bar moves
     # After plain decoding, the same prompts with these speculative methods (greedy, lossless):
     # a table of tokens/s, speedup, tokens per target pass and identity to plain output.
-    # retrieval: prompt lookup, else the n-gram datastore of the standard library; retrieval_tree: the same
+    # retrieval: prompt lookup, else the n-gram datastore of the standard library and of Gemma's own greedy
+    # continuations of it; retrieval_tree: the same
     # sources and the datastore's runner-up as one token tree; draft: the shipped distilled draft
     c.compare_methods = ("prompt_lookup", "retrieval", "retrieval_tree", "anpd", "draft", "medusa")
     c.k = 5  # draft tokens per round for the compared methods

@@ -40,6 +40,20 @@ def test_bad_values_are_named(override, needle):
     assert needle in r.stderr
 
 
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("--config.verify_sizes=some", "--config.verify_sizes='some' is invalid"),
+        ("--config.retrieval_corpus=nowhere", "--config.retrieval_corpus='nowhere' is invalid"),
+        ("--config.retrieval_greedy_weight=0", "--config.retrieval_greedy_weight=0 is invalid"),
+    ],
+)
+def test_bad_speculative_values_are_named(override, needle):
+    r = run("--config", "configs/speculative.py:retrieval", override)
+    assert r.returncode != 0
+    assert needle in r.stderr
+
+
 def test_prompts_file_must_be_a_list_of_strings(tmp_path):
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"prompt": "x"}))

@@ -236,3 +236,31 @@ def test_subset_head_is_the_full_head_conditioned_on_the_subset(target):
     e = np.exp(full[:, SUBSET] - full[:, SUBSET].max(-1, keepdims=True))
     want[:, SUBSET] = e / e.sum(-1, keepdims=True)
     np.testing.assert_allclose(q, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("sizes", [(1, 2, 3, 4), (4,)])
+@pytest.mark.parametrize("method", ["retrieval", "anpd", "draft"])
+def test_greedy_with_other_pass_lengths(target, generators, plain_greedy, method, sizes):
+    """Every pass length from 1 to K + 1 (``verify_sizes='every'``) and one full pass give the
+    same tokens as plain greedy, ragged batch included."""
+    cfg, params = target
+    g = generators[method]
+    gen = SpeculativeGenerator(cfg, params, g.proposer, g.pparams, eos_ids=(), verify_sizes=sizes)
+    assert gen.verify_sizes == sizes
+    base, budgets = ragged_prompts()
+    outs, _ = gen.generate(base * 2, budgets * 2)
+    assert outs == plain_greedy * 2
+
+
+def test_job_pass_sizes():
+    import ml_collections
+
+    from tokax.decode.speculative import verify_block_sizes
+    from tokax.jobs.speculative import pass_sizes
+
+    c = ml_collections.ConfigDict({"verify_sizes": "every"})
+    assert pass_sizes(c, 5) == (1, 2, 3, 4, 5, 6)
+    c.verify_sizes = "full"
+    assert pass_sizes(c, 5) == (6,)
+    c.verify_sizes = "pow2"
+    assert pass_sizes(c, 5) is None and verify_block_sizes(5, None) == (1, 2, 4, 6)
