@@ -214,6 +214,8 @@ def variant_overrides(method: str) -> tuple[str, dict]:
 
 
 def bench_tokax(sets: dict, args, target) -> dict:
+    import jax
+
     cfg, params, tok = target
     N = args.new_tokens
     res = {}
@@ -228,6 +230,9 @@ def bench_tokax(sets: dict, args, target) -> dict:
             rows[method] = run_method(c, cfg, params, ids, N, pads, ref)
             rows[method]["speedup"] = t_plain / rows[method]["seconds"]
             log(f"[{name}] {method}: {rows[method]}")
+            # Drop this method's compiled programs: a long run otherwise runs out of memory
+            # mappings for compiled code (LLVM "Cannot allocate memory", session 7).
+            jax.clear_caches()
         res[name] = rows
     return res
 

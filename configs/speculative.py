@@ -44,10 +44,11 @@ def get_config(arg=None):
     # bounds (tokax.model.screen): the same tokens as the float32 argmax, about half the cost of
     # a multi-position unembedding on CPU; 335 MB more memory; float32 only (ignored for bfloat16).
     c.greedy_screen = True
-    # Verify-pass lengths a round picks from (the smallest that holds its drafts): 'every' (1 .. k+1,
-    # one compiled pass each), 'pow2' (1, 2, 4, .. and k+1) or 'full' (always k+1). Token trees
-    # use them only where the proposer puts valid nodes first (retrieval_tree).
-    c.verify_sizes = "every"
+    # Verify-pass lengths a round picks from (the smallest that holds its drafts): 'pow2' (1, 2, 4, ..
+    # and k+1), 'every' (1 .. k+1, one compiled pass each; no faster on 2 CPU cores, session 7) or
+    # 'full' (always k+1). Token trees use them only where the proposer puts valid nodes first
+    # (retrieval_tree).
+    c.verify_sizes = "pow2"
 
     c.method = arg or "prompt_lookup"  # one of METHODS
     c.k = 5  # maximum draft tokens per round

@@ -123,19 +123,22 @@ def sized_pass(cfg, params, block, positions, cache, sizes: tuple[int, ...], nee
     """The target pass over the first ``size`` tokens of ``block [B, T]``, ``size`` the smallest
     of the static ``sizes`` that is at least ``need`` (traced): on hardware where a pass costs
     about its token count (CPU), short drafts get short passes. Outputs are padded back to ``T``:
-    ``([B, T] greedy tokens, or [B, T, V] logits, [B, T, D] hidden, cache)``. A greedy pass with a
-    ``screen`` takes the greedy tokens from it, without float32 logits. ``block_mask [B, T, T]``
-    (token trees) is cut to the same size."""
+    ``([B, T] greedy tokens, or [B, T, V] logits, [B, T, D] hidden, BlockKV)``. The cache is only
+    read: the caller stores the block's K/V with ``kvc.write_block`` (all ``T`` slots, the ones
+    past the pass empty), outside any ``lax.switch`` / ``cond``, so XLA updates it in place
+    instead of copying it through the branches. A greedy pass with a ``screen`` takes the
+    greedy tokens from it, without float32 logits. ``block_mask [B, T, T]`` (token trees) is
+    cut to the same size."""
     T = block.shape[1]
 
     def pass_of(size):
         def run(_):
             mask = None if block_mask is None else block_mask[:, :size, :size]
-            lg, h, c = forward(cfg, params, block[:, :size], positions[:, :size], cache, block_mask=mask,
-                               return_logits=not greedy)
+            lg, h, blk = forward(cfg, params, block[:, :size], positions[:, :size], cache, block_mask=mask,
+                                 return_logits=not greedy, write_cache=False)
             pad = ((0, 0), (0, T - size))
             out = greedy_tokens(cfg, params, h, screen) if greedy else lg
-            return jnp.pad(out, pad + ((0, 0),) * (out.ndim - 2)), jnp.pad(h, pad + ((0, 0),)), c
+            return jnp.pad(out, pad + ((0, 0),) * (out.ndim - 2)), jnp.pad(h, pad + ((0, 0),)), blk.pad_to(T)
 
         return run
 
@@ -168,7 +171,7 @@ def spec_step(cfg, params, proposer, pparams, s: SpecState, sp: SamplingParams, 
 
     need = jnp.max(jnp.where(live, n_draft, 0)) + 1  # the longest live row's block
 
-    def target_pass(greedy):  # ([B, K+1] greedy tokens or [B, K+1, V] logits, [B, K+1, D] hidden, cache)
+    def target_pass(greedy):  # ([B, K+1] greedy tokens or [B, K+1, V] logits, [B, K+1, D] hidden, BlockKV)
         return sized_pass(cfg, params, block, positions, s.cache, sizes, need, greedy, screen)
 
     def greedy_round(_):
@@ -180,11 +183,12 @@ def spec_step(cfg, params, proposer, pparams, s: SpecState, sp: SamplingParams, 
         return verifier(lg, prop.tokens, n_draft, prop.q_logits, sp, k_ver), h, c
 
     if screen is None or verifier not in (verify, greedy_verify):
-        (n_acc, nxt), hidden, cache = verified_round(None)
+        (n_acc, nxt), hidden, blk = verified_round(None)
     elif verifier is greedy_verify:
-        (n_acc, nxt), hidden, cache = greedy_round(None)
+        (n_acc, nxt), hidden, blk = greedy_round(None)
     else:  # ``verify``: greedy at temperature 0, speculative sampling (full logits) otherwise
-        (n_acc, nxt), hidden, cache = jax.lax.cond(sp.temperature <= 0.0, greedy_round, verified_round, None)
+        (n_acc, nxt), hidden, blk = jax.lax.cond(sp.temperature <= 0.0, greedy_round, verified_round, None)
+    cache = kvc.write_block(s.cache, blk)  # outside the branches: in place
 
     # The row's new tokens: the accepted drafts, then the target's token.
     drafts = jnp.concatenate([prop.tokens, jnp.zeros((B, 1), jnp.int32)], axis=1)

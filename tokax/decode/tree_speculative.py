@@ -122,7 +122,7 @@ def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, 
     # With the valid nodes first (``valid_first``), a round whose trees are small gets a short pass.
     need = jnp.max(jnp.where(tree.valid, jnp.arange(N, dtype=jnp.int32)[None, :], -1)) + 2  # the last valid node
 
-    def target_pass(greedy):  # ([B, 1+N] greedy tokens or [B, 1+N, V] logits, [B, 1+N, D] hidden, cache)
+    def target_pass(greedy):  # ([B, 1+N] greedy tokens or [B, 1+N, V] logits, [B, 1+N, D] hidden, BlockKV)
         return sized_pass(cfg, params, block, positions, s.cache, sizes, need, greedy, screen, mask)
 
     def greedy_round(_):  # only the target's greedy tokens: from the screen, no float32 logits
@@ -136,10 +136,11 @@ def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, 
     observes_logits = hasattr(proposer, "observe")  # Token Recycling reads the target's top-k
     p_logits = None
     if screen is None or observes_logits or not isinstance(verifier, (TreeVerifier, SpecTrVerifier)):
-        p_logits, hidden, cache = target_pass(False)
+        p_logits, hidden, blk = target_pass(False)
         n_acc, path, nxt = verifier(p_logits, tree, sp, k_ver, D)
     else:  # these verifiers are greedy at temperature 0
-        (n_acc, path, nxt), hidden, cache = jax.lax.cond(sp.temperature <= 0.0, greedy_round, verified_round, None)
+        (n_acc, path, nxt), hidden, blk = jax.lax.cond(sp.temperature <= 0.0, greedy_round, verified_round, None)
+    cache = kvc.write_block(s.cache, blk)  # outside the branches: in place
     n_acc = jnp.where(live, n_acc, 0)
 
     # The row's new tokens: the accepted path, then the target's token.

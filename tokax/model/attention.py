@@ -37,6 +37,30 @@ def reference_attention(
     return o.reshape(B, T, H, Dh).astype(q.dtype)
 
 
+def attend_cache_and_block(q, cache_k, cache_v, cache_pos, k, v, q_pos, window, scale, block_mask=None):
+    """Attention of ``T`` new queries over a read-only cache (``cache_k/v [B, S, KVH, Dh]``,
+    slot positions ``cache_pos [B, S]``) plus the block's own keys ``k, v [B, T, KVH, Dh]``
+    (at ``q_pos``; ``block_mask [B, T, T]`` restricts which new tokens see each other, e.g. a
+    token tree), as if the block had been written to the cache first: one softmax over
+    both key sets, each with ``dense_mask``'s rules. -> ``[B, T, H, Dh]``."""
+    B, T, H, Dh = q.shape
+    KVH = k.shape[2]
+    S = cache_k.shape[1]
+    qg = q.reshape(B, T, KVH, H // KVH, Dh)
+    m_c = dense_mask(q_pos, cache_pos, window)
+    m_b = dense_mask(q_pos, q_pos, window, extra=block_mask)
+    s_c = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32)
+    s_b = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s = jnp.concatenate([jnp.where(m_c[:, None, None], s_c * scale, NEG_INF),
+                         jnp.where(m_b[:, None, None], s_b * scale, NEG_INF)], axis=-1)
+    p = jax.nn.softmax(s, axis=-1)
+    seen = m_c.any(-1) | m_b.any(-1)
+    p = jnp.where(seen[:, None, None, :, None], p, 0.0)
+    o = (jnp.einsum("bkgts,bskd->btkgd", p[..., :S].astype(v.dtype), cache_v, preferred_element_type=jnp.float32)
+         + jnp.einsum("bkgts,bskd->btkgd", p[..., S:].astype(v.dtype), v, preferred_element_type=jnp.float32))
+    return o.reshape(B, T, H, Dh).astype(q.dtype)
+
+
 def dense_mask(q_pos, kv_pos, window, q_seg=None, kv_seg=None, extra=None):
     """``[B, T, S]`` visibility: causal by position (``kv <= q``), key slot
     filled (``kv >= 0``), query real (``q >= 0``), within the sliding window

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from tokax.model import kv_cache as kvc
-from tokax.model.attention import attend
+from tokax.model.attention import attend, attend_cache_and_block
 from tokax.model.config import ModelConfig
 
 Params = Any
@@ -56,7 +56,8 @@ class Block(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, cache: kvc.KVCache | None, block_mask, block_start, segment_ids=None):
+    def __call__(self, x, positions, cache: kvc.KVCache | None, block_mask, block_start, segment_ids=None,
+                 write_cache: bool = True):
         cfg = self.cfg
         D, H, KVH, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
         dt = cfg.jnp_dtype
@@ -76,6 +77,10 @@ class Block(nn.Module):
         window = cfg.window(self.layer)
         if cache is None:  # training / scoring: attend within the given tokens
             a = attend(cfg.attention_impl, q, k, v, cfg.attn_scale, positions, positions, window, segment_ids, segment_ids)
+        elif not write_cache:  # the cache is read only; the block's K/V go back to the caller
+            a = attend_cache_and_block(q, cache.k[self.layer], cache.v[self.layer], cache.pos, k, v, positions,
+                                       window, cfg.attn_scale, block_mask)
+            cache = (k, v)
         else:
             cache = kvc.write_layer(cache, self.layer, k, v)
             extra = None if block_mask is None else kvc.block_visibility(cache, block_mask, block_start)
@@ -111,6 +116,12 @@ class Decoder(nn.Module):
     ``logits`` is ``None`` when ``return_logits=False``; ``hidden`` is the
     final-normed hidden state ``[B, T, D]`` so callers can unembed only the
     positions they need (``Decoder.unembed``).
+
+    ``write_cache=False`` leaves the cache as it is and returns, in place of the new cache,
+    the block's K/V (``kv_cache.BlockKV``): the same attention, computed over the cache plus
+    the block (``attention.attend_cache_and_block``); ``kv_cache.write_block`` then gives
+    the cache a writing call returns. Verify passes inside ``lax.switch`` use it, so the
+    cache is updated in place outside the branches instead of copied through them.
     """
 
     cfg: ModelConfig
@@ -122,7 +133,7 @@ class Decoder(nn.Module):
         self.blocks = [Block(cfg, i, name=f"layer_{i}") for i in range(cfg.n_layers)]
 
     def __call__(self, tokens, positions, cache: kvc.KVCache | None = None, block_mask=None,
-                 return_logits: bool = True, segment_ids=None):
+                 return_logits: bool = True, segment_ids=None, write_cache: bool = True):
         cfg = self.cfg
         positions = positions.astype(jnp.int32)
         x = jnp.take(self.embed, tokens, axis=0) * jnp.asarray(math.sqrt(cfg.d_model), cfg.jnp_dtype)
@@ -134,11 +145,19 @@ class Decoder(nn.Module):
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids are for cache-free (training) calls; pass cache=None")
-            block_start = cache.length
-            cache = kvc.write_positions(cache, positions)
-            for blk in self.blocks:
-                x, cache = blk(x, positions, cache, block_mask, block_start)
-            cache = kvc.advance(cache, tokens.shape[1])
+            if write_cache:
+                block_start = cache.length
+                cache = kvc.write_positions(cache, positions)
+                for blk in self.blocks:
+                    x, cache = blk(x, positions, cache, block_mask, block_start)
+                cache = kvc.advance(cache, tokens.shape[1])
+            else:  # read the cache, return the block's K/V (``kvc.write_block`` stores them)
+                ks, vs = [], []
+                for blk in self.blocks:
+                    x, (k, v) = blk(x, positions, cache, block_mask, None, write_cache=False)
+                    ks.append(k)
+                    vs.append(v)
+                cache = kvc.BlockKV(k=tuple(ks), v=tuple(vs), positions=positions)
         hidden = rms_norm(x, self.final_norm, cfg.rms_eps)
         logits = self.unembed(hidden) if return_logits else None
         return logits, hidden, cache
@@ -156,9 +175,11 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     return model.init(rng, tok, jnp.zeros((1, 1), jnp.int32), cache)["params"]
 
 
-def forward(cfg: ModelConfig, params: Params, tokens, positions, cache=None, block_mask=None, return_logits=True, segment_ids=None):
+def forward(cfg: ModelConfig, params: Params, tokens, positions, cache=None, block_mask=None, return_logits=True,
+            segment_ids=None, write_cache=True):
     """Functional form of ``Decoder(cfg).apply``."""
-    return Decoder(cfg).apply({"params": params}, tokens, positions, cache, block_mask, return_logits, segment_ids)
+    return Decoder(cfg).apply({"params": params}, tokens, positions, cache, block_mask, return_logits, segment_ids,
+                              write_cache)
 
 
 def unembed(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
@@ -166,5 +187,5 @@ def unembed(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
 
 
 # Jitted ``forward`` (the config is static; one compile per input shape).
-forward_jit = jax.jit(forward, static_argnums=(0,), static_argnames=("return_logits",))
+forward_jit = jax.jit(forward, static_argnums=(0,), static_argnames=("return_logits", "write_cache"))
 

@@ -79,6 +79,35 @@ def write_layer(cache: KVCache, layer: int, k: jax.Array, v: jax.Array) -> KVCac
     return cache.replace(k=tuple(ks), v=tuple(vs))
 
 
+@struct.dataclass
+class BlockKV:
+    """K/V of ``T`` new tokens computed against a cache without writing it
+    (``forward(..., write_cache=False)``); ``write_block`` stores them."""
+
+    k: tuple  # n_layers x [B, T, KVH, Dh]
+    v: tuple  # n_layers x [B, T, KVH, Dh]
+    positions: jax.Array  # [B, T] (-1: padding, never attended)
+
+    def pad_to(self, T: int) -> "BlockKV":
+        """The block padded with empty (position -1) slots to ``T`` tokens."""
+        n = self.positions.shape[1]
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, T - n)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+        return BlockKV(k=tuple(pad(x) for x in self.k), v=tuple(pad(x) for x in self.v),
+                       positions=jnp.pad(self.positions, ((0, 0), (0, T - n)), constant_values=-1))
+
+
+def write_block(cache: KVCache, blk: BlockKV) -> KVCache:
+    """Write ``blk`` at each row's ``length`` and advance by its ``T`` slots: the cache a
+    writing ``forward`` of the same tokens returns. Inside a ``lax.cond`` / ``switch`` a
+    forward that writes the cache makes XLA copy the whole cache in and out of the branch
+    every call; computing the block read-only in the branch and writing it here, outside,
+    keeps the update in place."""
+    cache = write_positions(cache, blk.positions)
+    for layer in range(len(blk.k)):
+        cache = write_layer(cache, layer, blk.k[layer], blk.v[layer])
+    return advance(cache, blk.positions.shape[1])
+
+
 def advance(cache: KVCache, n: int | jax.Array) -> KVCache:
     """Move every row's write pointer forward by ``n`` slots."""
     return cache.replace(length=cache.length + jnp.asarray(n, jnp.int32))
