@@ -65,8 +65,9 @@ def main():
     @jax.jit
     def verify(params, screen, toks, cache):
         T = toks.shape[1]
-        _, h, c = forward(cfg, params, toks, PROMPT + jnp.arange(T)[None], cache, return_logits=False)
-        return screened_argmax(screen, params["embed"], h), c
+        _, h, blk = forward(cfg, params, toks, PROMPT + jnp.arange(T)[None], cache, return_logits=False,
+                            write_cache=False)  # as the loops' passes: the cache read, not copied
+        return screened_argmax(screen, params["embed"], h), blk
 
     _, cache = prefill(params, ids[:, :PROMPT], kvc.init_cache(cfg, 1, PROMPT + 128))
     for T in sizes:

@@ -264,3 +264,31 @@ def test_job_pass_sizes():
     assert pass_sizes(c, 5) == (6,)
     c.verify_sizes = "pow2"
     assert pass_sizes(c, 5) is None and verify_block_sizes(5, None) == (1, 2, 4, 6)
+
+
+def test_verify_loop_updates_the_cache_in_place(target):
+    """The compiled chain loop holds no copy of a KV-cache buffer inside its while loop: verify
+    passes (in a ``lax.switch`` over pass lengths, inside the greedy / sampled ``lax.cond``) read
+    the cache and the block is written outside the branches. (Before session 7 XLA copied the
+    whole cache two or three times per round.)"""
+    import re
+
+    from tokax.decode.speculative import speculative_generate
+    from tokax.model.screen import screen_for
+
+    cfg, params = target
+    prompt, lens, budget = jnp.zeros((1, 16), jnp.int32), jnp.asarray([5]), jnp.asarray([16])
+    hlo = speculative_generate.lower(
+        cfg, params, P.PromptLookupProposer(k=K), None, prompt, lens, budget, SamplingParams.make(),
+        jax.random.PRNGKey(0), buffer_len=16, eos_ids=(), verify_sizes=(1, 2, K + 1),
+        screen=screen_for(params, True)).compile().as_text()
+    slots = 16 + 16 + K + 1
+    shape = f"f32[1,{slots},{cfg.n_kv_heads},{cfg.head_dim}]"
+    comp, copies = None, []
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            comp = line.split("(")[0].strip()
+        if re.search(r"= " + re.escape(shape) + r"\{[0-9,]*\} copy\(", line):
+            copies.append(comp)
+    assert copies, "the cache shape was not found: the test no longer looks at the right buffers"
+    assert all(c.startswith("ENTRY") for c in copies), copies

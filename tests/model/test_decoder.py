@@ -200,3 +200,43 @@ def test_flash_attention_impl_matches_reference(tiny):
         if c is cfg:
             ref_steps = np.concatenate([np.asarray(o[0]) for o in outs])
     np.testing.assert_allclose(np.concatenate([np.asarray(o[0]) for o in outs]), ref_steps, rtol=1e-4, atol=1e-4)
+
+
+def test_read_only_pass_then_write_block_equals_a_writing_pass(tiny):
+    """``write_cache=False`` + ``kvc.write_block``: the logits and the cache of a writing pass, for
+    a causal block and a token tree, over a cache with holes (a rolled-back row, a padded query),
+    and each tree node's logits equal its own path scored alone (the independent reference)."""
+    cfg, params = tiny
+    rs = np.random.RandomState(9)
+    prefix = rs.randint(0, cfg.vocab_size, size=(2, 12))
+    cache = kvc.init_cache(cfg, 2, 40)
+    _, _, cache = forward(cfg, params, jnp.asarray(prefix), jnp.broadcast_to(jnp.arange(12), (2, 12)), cache)
+    cache = kvc.rollback(cache, jnp.asarray([12, 9]))  # row 1: three stale slots past its length
+    nodes = rs.randint(0, cfg.vocab_size, size=(2, 5))
+    pos = jnp.asarray([12 + np.arange(5), [9, 10, 10, 11, -1]])  # row 1: a tree + a padded slot
+    parent = [[-1, 0, 1, 2, 3], [-1, 0, 0, 1, -1]]  # row 1, node 4: the padded slot
+    anc = np.zeros((2, 5, 5), bool)
+    for b in range(2):
+        for i in range(5):
+            j = i
+            while j >= 0:
+                anc[b, i, j] = True
+                j = parent[b][j]
+    for mask in (None, jnp.asarray(anc)):
+        lw, _, cw = forward(cfg, params, jnp.asarray(nodes), pos, cache, block_mask=mask)
+        lr, _, blk = forward(cfg, params, jnp.asarray(nodes), pos, cache, block_mask=mask, write_cache=False)
+        assert isinstance(blk, kvc.BlockKV)
+        np.testing.assert_allclose(np.asarray(lr), np.asarray(lw), rtol=1e-5, atol=1e-5)
+        cr = kvc.write_block(cache, blk)
+        np.testing.assert_array_equal(np.asarray(cr.pos), np.asarray(cw.pos))
+        np.testing.assert_array_equal(np.asarray(cr.length), np.asarray(cw.length))
+        for a, b in zip(cr.k + cr.v, cw.k + cw.v):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    for i in range(4):  # row 1's real tree nodes against their paths alone
+        path = [j for j in range(5) if anc[1, i, j]]
+        ref = full_logits(cfg, params, prefix[1, :9].tolist() + [int(nodes[1, j]) for j in path])[-1]
+        np.testing.assert_allclose(np.asarray(lr[1, i]), ref, rtol=1e-5, atol=1e-5)
+    padded = kvc.write_block(cache, blk.pad_to(8))
+    pp = np.asarray(padded.pos)
+    assert np.asarray(padded.length).tolist() == [20, 17]
+    assert pp[0, 12:17].tolist() == list(range(12, 17)) and (pp[0, 17:20] == -1).all() and (pp[1, 13:17] == -1).all()
