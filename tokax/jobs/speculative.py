@@ -163,7 +163,7 @@ def make_generator(c, cfg, params, tok=None, **kw):
             prop = RetrievalTreeProposer(branches=tuple(c.retrieval_branches), max_ngram=c.max_ngram,
                                          min_ngram=c.min_ngram, min_conf=c.retrieval_min_conf,
                                          alt_min_conf=c.retrieval_alt_min_conf)
-            kw.setdefault("verify_sizes", pass_sizes(c, prop.n_nodes) or prop.verify_sizes)
+            kw.setdefault("verify_sizes", pass_sizes(c, prop.n_nodes))  # None: the proposer's own
             return TreeSpeculativeGenerator(cfg, params, prop, retrieval_table(c), tok, **kw)
         heads = P.load_params(heads_path(c.blockwise_heads)) if c.method == "medusa" else None
         prop, pparams = make_tree_proposer(

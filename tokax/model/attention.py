@@ -15,6 +15,28 @@ from jax.sharding import PartitionSpec as P
 NEG_INF = -1e30  # finite, so fully masked rows give a uniform (then zeroed) softmax, not NaN
 
 
+def _softmax_attention(q, parts, scale: float) -> jax.Array:
+    """softmax attention of ``q [B, T, H, Dh]`` over the concatenated key sets ``parts``: a list
+    of ``(k, v [B, S_i, KVH, Dh], mask [B, T, S_i] bool)``, one softmax over all of them, with
+    grouped-query heads (query head h reads KV head h // (H // KVH)); softmax in float32."""
+    B, T, H, Dh = q.shape
+    KVH = parts[0][0].shape[2]
+    qg = q.reshape(B, T, KVH, H // KVH, Dh)
+    s = jnp.concatenate([jnp.where(m[:, None, None], jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                                                                  preferred_element_type=jnp.float32) * scale, NEG_INF)
+                         for k, _, m in parts], axis=-1)
+    p = jax.nn.softmax(s, axis=-1)
+    # A query that sees nothing (padding) outputs zeros instead of a mean of V.
+    seen = jnp.stack([m.any(-1) for _, _, m in parts]).any(0)
+    p = jnp.where(seen[:, None, None, :, None], p, 0.0)
+    o, at = 0.0, 0
+    for _, v, _ in parts:
+        S = v.shape[1]
+        o = o + jnp.einsum("bkgts,bskd->btkgd", p[..., at:at + S].astype(v.dtype), v, preferred_element_type=jnp.float32)
+        at += S
+    return o.reshape(B, T, H, Dh).astype(q.dtype)
+
+
 def reference_attention(
     q: jax.Array,  # [B, T, H, Dh]
     k: jax.Array,  # [B, S, KVH, Dh]
@@ -24,17 +46,7 @@ def reference_attention(
 ) -> jax.Array:  # [B, T, H, Dh]
     """softmax(q k^T * scale + mask) v with grouped-query heads (query head h
     reads KV head h // (H // KVH)); softmax in float32."""
-    B, T, H, Dh = q.shape
-    KVH = k.shape[2]
-    G = H // KVH
-    qg = q.reshape(B, T, KVH, G, Dh)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask[:, None, None, :, :], s, NEG_INF)
-    p = jax.nn.softmax(s, axis=-1)
-    # A query that sees nothing (padding) outputs zeros instead of a mean of V.
-    p = jnp.where(mask.any(-1)[:, None, None, :, None], p, 0.0)
-    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o.reshape(B, T, H, Dh).astype(q.dtype)
+    return _softmax_attention(q, [(k, v, mask)], scale)
 
 
 def attend_cache_and_block(q, cache_k, cache_v, cache_pos, k, v, q_pos, window, scale, block_mask=None):
@@ -43,22 +55,8 @@ def attend_cache_and_block(q, cache_k, cache_v, cache_pos, k, v, q_pos, window, 
     (at ``q_pos``; ``block_mask [B, T, T]`` restricts which new tokens see each other, e.g. a
     token tree), as if the block had been written to the cache first: one softmax over
     both key sets, each with ``dense_mask``'s rules. -> ``[B, T, H, Dh]``."""
-    B, T, H, Dh = q.shape
-    KVH = k.shape[2]
-    S = cache_k.shape[1]
-    qg = q.reshape(B, T, KVH, H // KVH, Dh)
-    m_c = dense_mask(q_pos, cache_pos, window)
-    m_b = dense_mask(q_pos, q_pos, window, extra=block_mask)
-    s_c = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32)
-    s_b = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    s = jnp.concatenate([jnp.where(m_c[:, None, None], s_c * scale, NEG_INF),
-                         jnp.where(m_b[:, None, None], s_b * scale, NEG_INF)], axis=-1)
-    p = jax.nn.softmax(s, axis=-1)
-    seen = m_c.any(-1) | m_b.any(-1)
-    p = jnp.where(seen[:, None, None, :, None], p, 0.0)
-    o = (jnp.einsum("bkgts,bskd->btkgd", p[..., :S].astype(v.dtype), cache_v, preferred_element_type=jnp.float32)
-         + jnp.einsum("bkgts,bskd->btkgd", p[..., S:].astype(v.dtype), v, preferred_element_type=jnp.float32))
-    return o.reshape(B, T, H, Dh).astype(q.dtype)
+    return _softmax_attention(q, [(cache_k, cache_v, dense_mask(q_pos, cache_pos, window)),
+                                  (k, v, dense_mask(q_pos, q_pos, window, extra=block_mask))], scale)
 
 
 def dense_mask(q_pos, kv_pos, window, q_seg=None, kv_seg=None, extra=None):

@@ -392,9 +392,13 @@ def _tokenized(tokenizer, paths) -> list[np.ndarray]:
 def stdlib_table(tokenizer, max_n: int = 3, min_count: int = 2, split: str = "train") -> NGramTable:
     """The datastore of the Python standard library's source (``split`` of
     ``tokax.train.data.stdlib_files``; the benchmark's code prompts come from the other split)."""
+    return build_table(_stdlib_docs(tokenizer, split), max_n=max_n, min_count=min_count)
+
+
+def _stdlib_docs(tokenizer, split: str = "train") -> list[np.ndarray]:
     from tokax.train.data import stdlib_files
 
-    return build_table(_tokenized(tokenizer, stdlib_files(split)), max_n=max_n, min_count=min_count)
+    return _tokenized(tokenizer, stdlib_files(split))
 
 
 GREEDY_CORPUS = "gemma3_270m_greedy_code"  # tokax/assets/<this>/tokens.npz
@@ -426,9 +430,7 @@ def corpus_table(tokenizer, corpus: str, max_n: int = 3, min_count: int = 2, gre
     if corpus in CORPORA:
         if greedy_weight < 1:
             raise ValueError(f"greedy_weight={greedy_weight}: need >= 1")
-        from tokax.train.data import stdlib_files
-
-        docs = _tokenized(tokenizer, stdlib_files("train")) if "stdlib" in corpus else []
+        docs = _stdlib_docs(tokenizer) if "stdlib" in corpus else []
         docs += greedy_corpus_docs() * greedy_weight if "greedy" in corpus else []
         return build_table(docs, max_n=max_n, min_count=min_count)
     import os
