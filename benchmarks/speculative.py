@@ -195,7 +195,9 @@ def variant_overrides(method: str) -> tuple[str, dict]:
     """``NAME`` or ``NAME/VARIANT[/VARIANT...]`` -> (NAME, config overrides): ``/f32`` verifies
     greedy rounds from float32 logits; ``/pow2`` or ``/every`` picks the verify-pass lengths
     (``verify_sizes``); ``/stdlib``, ``/greedy`` or ``/stdlib+greedy`` the retrieval corpus;
-    ``retrieval_tree/5-3-2`` sets the tree's node budget per candidate."""
+    ``retrieval_tree/5-3-2`` sets the tree's node budget per candidate; ``/untrained`` runs
+    kangaroo with the identity adapter (early exit) and specdec_pp with its constant prior;
+    ``kangaroo/t0.4`` or ``specdec_pp/t0.5`` sets the method's stopping threshold."""
     base, *variants = method.split("/")
     over = {}
     for v in variants:
@@ -205,11 +207,16 @@ def variant_overrides(method: str) -> tuple[str, dict]:
             over["verify_sizes"] = v
         elif v in ("stdlib", "greedy", "stdlib+greedy"):
             over["retrieval_corpus"] = v
+        elif v == "untrained" and base in ("kangaroo", "specdec_pp"):
+            over["kangaroo_adapter" if base == "kangaroo" else "specdec_head"] = ""
+        elif base in ("kangaroo", "specdec_pp") and re.fullmatch(r"t(0|1)?\.\d+", v):
+            over["kangaroo_threshold" if base == "kangaroo" else "specdec_threshold"] = float(v[1:])
         elif base == "retrieval_tree" and re.fullmatch(r"\d+(-\d+)*", v):
             over["retrieval_branches"] = tuple(int(x) for x in v.split("-"))
         else:
             raise SystemExit(f"method {method!r}: variants are /f32, /pow2, /every, /stdlib, /greedy, "
-                             "/stdlib+greedy and retrieval_tree/A-B-C")
+                             "/stdlib+greedy, retrieval_tree/A-B-C, and for kangaroo and specdec_pp "
+                             "/untrained and /tX.Y (threshold)")
     return base, over
 
 

@@ -79,12 +79,14 @@ def get_config(arg=None):
     # kangaroo
     c.kangaroo_layers = 2  # shallow layers shared with the target
     c.kangaroo_threshold = 0.6  # stop drafting after a token with top-1 prob below this
-    c.kangaroo_adapter = ""  # .npz from tokax.decode.proposers.save_params; "" = identity adapter (early exit)
+    # 'trained': the adapter shipped with tokax (experiments/train_kangaroo_adapter.py: one attention
+    # block after the first 2 layers, a 16k-token head); a .npz path; "" = identity adapter (early exit)
+    c.kangaroo_adapter = "trained"
     # specdec_pp
-    c.specdec_threshold = 0.7  # stop when predicted P(some rejection) exceeds this
-    # .npz of a trained head (experiments/train_specdec_head.py); "" = untrained head predicting
-    # specdec_prior everywhere (a fixed draft length)
-    c.specdec_head = ""
+    c.specdec_threshold = 0.5  # stop when predicted P(some rejection) exceeds this (docs/benchmarks.md, session 8)
+    # 'trained': the head shipped with tokax for the distilled draft (experiments/train_specdec_head.py);
+    # a .npz path; "" = untrained head predicting specdec_prior everywhere (a fixed draft length)
+    c.specdec_head = "trained"
     c.specdec_prior = 0.8
     # lookahead (training-free n-gram pool from the target's own Jacobi guesses)
     c.lookahead_ngram = 3

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
@@ -40,11 +39,9 @@ PROMPT_TOKENS = 256
 
 
 def training_prompts(seed: int = 0) -> list[str]:
-    from tokax.train.data import function_prefixes, stdlib_files
+    from tokax.train.data import training_function_prefixes
 
-    prompts = function_prefixes(stdlib_files("train"))
-    random.Random(seed).shuffle(prompts)
-    return prompts
+    return training_function_prefixes(seed)
 
 
 def continuations(gen, ids: list[list[int]], new_tokens: int) -> list[list[int]]:

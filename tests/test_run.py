@@ -46,6 +46,8 @@ def test_bad_values_are_named(override, needle):
         ("--config.verify_sizes=some", "--config.verify_sizes='some' is invalid"),
         ("--config.retrieval_corpus=nowhere", "--config.retrieval_corpus='nowhere' is invalid"),
         ("--config.retrieval_greedy_weight=0", "--config.retrieval_greedy_weight=0 is invalid"),
+        ("--config.kangaroo_adapter=/no/adapter.npz", "--config.kangaroo_adapter='/no/adapter.npz' is invalid"),
+        ("--config.specdec_head=/no/head.npz", "--config.specdec_head='/no/head.npz' is invalid"),
     ],
 )
 def test_bad_speculative_values_are_named(override, needle):

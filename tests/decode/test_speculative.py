@@ -27,7 +27,8 @@ B = 2048  # rows per call; greedy and sampling calls share one compiled program 
 K = 3
 # *_subset: the draft's head covers only SUBSET (q = 0 on the other tokens, as the distilled
 # Gemma draft's frequent-token head); the target's mass there must come from the residual.
-METHODS = ["draft", "draft_subset", "prompt_lookup", "retrieval", "retrieval_table", "anpd", "kangaroo", "specdec_pp", "specdec_pp_subset"]
+METHODS = ["draft", "draft_subset", "prompt_lookup", "retrieval", "retrieval_table", "anpd", "kangaroo", "kangaroo_subset", "specdec_pp",
+           "specdec_pp_subset"]
 SUBSET = [0, 2, 3, 5, 6]
 SAMPLING = SamplingParams.make(temperature=0.9, top_k=6, top_p=0.95)
 SAMPLE_PROMPT = [3, 5, 2, 7, 3, 5, 2, 6, 3, 5]  # repeats, so n-gram lookups find drafts
@@ -85,6 +86,14 @@ def generators(target):
             P.KangarooProposer.make(cfg, n_shallow=1, k=K, threshold=0.4),
             numpy_init(jax.eval_shape(lambda k: kangaroo.init_adapter(cfg, 1, k), jax.random.PRNGKey(0)), seed=3),
         ),
+        # The adapter with its own final norm and a head over SUBSET only (as the shipped Gemma
+        # adapter): q = 0 elsewhere.
+        "kangaroo_subset": (
+            P.KangarooProposer.make(cfg, n_shallow=1, k=K, threshold=0.4),
+            kangaroo.with_subset_head(params, numpy_init(jax.eval_shape(lambda k: kangaroo.init_adapter(cfg, 1, k),
+                                                                       jax.random.PRNGKey(0)), seed=3), SUBSET,
+                                      final_norm=params["final_norm"] + 0.5),
+        ),
         "specdec_pp": (P.SpecDecPPProposer(cfg=dcfg, k=K, threshold=0.6), {"model": dparams, "head": head}),
         "draft_subset": (P.DraftModelProposer(dcfg, k=K), subset_head_params(dparams, SUBSET)),
         "specdec_pp_subset": (P.SpecDecPPProposer(cfg=dcfg, k=K, threshold=0.6),
@@ -124,7 +133,7 @@ def test_greedy_equals_plain_greedy(generators, plain_greedy, method):
     # Each pass emits n_acc + 1 tokens, the last one possibly cut at the budget.
     assert ((accepted + passes >= budgets) & (accepted + passes - budgets <= K)).all()
     assert accepted.sum() > 0 and len(set(accepted.tolist())) > 1  # rows really advance by different amounts
-    if method in ("kangaroo", "specdec_pp"):
+    if method in ("kangaroo", "kangaroo_subset", "specdec_pp"):
         assert proposed.sum() < K * passes.sum()  # the early stop rule fired
 
 

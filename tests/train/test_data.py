@@ -179,3 +179,18 @@ def test_function_prefixes(tmp_path):
                    'def method(self):\n    """Doc line."""\n    x0 = 0\n    x1 = 1\n']
     assert D.function_prefixes(paths, per_file=1) == got[:1]
     assert D.function_prefixes(paths, min_lines=3)[0].startswith("def short():")
+
+
+def test_continuation_batch():
+    from tokax.train.data import continuation_batch
+
+    pairs = [(np.array([5, 6, 7]), np.array([1, 2])), (np.array([9]), np.array([3, 4]))]
+    toks, lengths, at, nxt = continuation_batch(pairs)
+    np.testing.assert_array_equal(toks, [[5, 6, 7, 1, 2], [9, 3, 4, 0, 0]])
+    np.testing.assert_array_equal(lengths, [5, 3])
+    # at[b, j] is the position whose next token is continuation token j
+    np.testing.assert_array_equal(np.take_along_axis(toks, at + 1, axis=1), nxt)
+    np.testing.assert_array_equal(at, [[2, 3], [0, 1]])
+    assert continuation_batch(pairs, 8)[0].shape == (2, 8)
+    with pytest.raises(ValueError, match="different lengths"):
+        continuation_batch([(np.array([1]), np.array([2])), (np.array([1]), np.array([2, 3]))])

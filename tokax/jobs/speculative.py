@@ -52,9 +52,10 @@ def validate(c) -> None:
     check(0 <= c.kangaroo_threshold <= 1, "kangaroo_threshold", c.kangaroo_threshold, "must be in [0, 1]")
     check(0 <= c.specdec_threshold <= 1, "specdec_threshold", c.specdec_threshold, "must be in [0, 1]")
     check(0 < c.specdec_prior < 1, "specdec_prior", c.specdec_prior, "must be in (0, 1)")
-    for key in ("kangaroo_adapter", "specdec_head", "blockwise_heads"):
-        path = heads_path(c[key]) if key == "blockwise_heads" else c[key]
-        check(not path or os.path.exists(path), key, path, "file does not exist (\"\" for the untrained default)")
+    for key in TRAINED:
+        path = trained_path(key, c[key])
+        check(not path or os.path.exists(path), key, path,
+              "file does not exist ('trained' for the one shipped with tokax, \"\" for the untrained default)")
     if c.method in TREE_METHODS:
         check_tree_keys(c)
         check(len(c.medusa_topk) >= 1 and all(t >= 1 for t in c.medusa_topk), "medusa_topk", c.medusa_topk,
@@ -63,14 +64,26 @@ def validate(c) -> None:
               "method medusa needs trained heads (.npz from experiments/train_gemma_heads.py)")
 
 
-def heads_path(name: str) -> str:
-    """``blockwise_heads``: 'trained' = the Gemma heads shipped with tokax
-    (``experiments/train_gemma_heads.py``), else a ``.npz`` path ("" = untrained)."""
+# Keys that name trained weights: 'trained' is the copy shipped in tokax/assets/<dir>/<file>
+# (made by the experiment named), else a .npz path, "" = untrained.
+TRAINED = {
+    "blockwise_heads": ("gemma3_270m_heads", "heads.npz"),  # experiments/train_gemma_heads.py
+    "kangaroo_adapter": ("gemma3_270m_kangaroo", "adapter.npz"),  # experiments/train_kangaroo_adapter.py
+    "specdec_head": ("gemma3_270m_specdec_head", "head.npz"),  # experiments/train_specdec_head.py
+}
+
+
+def trained_path(key: str, name: str) -> str:
+    """The file a ``TRAINED`` key names: the shipped one for 'trained', else ``name``."""
     if name == "trained":
         from tokax.decode.proposers.distilled import DEFAULT_DRAFT_DIR
 
-        return str(DEFAULT_DRAFT_DIR.parent / "gemma3_270m_heads" / "heads.npz")
+        return str(DEFAULT_DRAFT_DIR.parent.joinpath(*TRAINED[key]))
     return name
+
+
+def heads_path(name: str) -> str:
+    return trained_path("blockwise_heads", name)
 
 
 def build_proposer(c, cfg, params):
@@ -100,11 +113,10 @@ def build_proposer(c, cfg, params):
         check(1 <= c.kangaroo_layers < cfg.n_layers, "kangaroo_layers", c.kangaroo_layers,
               f"must be in [1, {cfg.n_layers - 1}]")
         prop = P.KangarooProposer.make(cfg, c.kangaroo_layers, k=c.k, threshold=c.kangaroo_threshold)
-        if c.kangaroo_adapter:
-            adapter = P.load_params(c.kangaroo_adapter)
-        else:
-            adapter = kangaroo.init_adapter(cfg, c.kangaroo_layers, jax.random.PRNGKey(c.seed), identity=True)
-        return prop, adapter
+        if not c.kangaroo_adapter:
+            return prop, kangaroo.init_adapter(cfg, c.kangaroo_layers, jax.random.PRNGKey(c.seed), identity=True)
+        return prop, kangaroo.load_adapter(trained_path("kangaroo_adapter", c.kangaroo_adapter), cfg, params,
+                                           c.kangaroo_layers)
     if c.draft == "truncated":
         check(1 <= c.draft_layers < cfg.n_layers, "draft_layers", c.draft_layers, f"must be in [1, {cfg.n_layers - 1}]")
     dcfg, dparams = make_draft(cfg, params, c.draft, c.draft_layers)
@@ -112,7 +124,9 @@ def build_proposer(c, cfg, params):
         return P.DraftModelProposer(dcfg, k=c.k), dparams
     prop = P.SpecDecPPProposer(cfg=dcfg, k=c.k, threshold=c.specdec_threshold)
     if c.specdec_head:
-        head = P.load_params(c.specdec_head)
+        check(c.specdec_head != "trained" or c.draft == "distilled", "specdec_head", c.specdec_head,
+              f"the shipped head was trained on draft='distilled', not {c.draft!r} (give a .npz, or \"\")")
+        head = P.load_params(trained_path("specdec_head", c.specdec_head))
     else:
         head = specdec_pp.init_head(dcfg.d_model, jax.random.PRNGKey(c.seed), prior=c.specdec_prior)
     return prop, {"model": dparams, "head": head}

@@ -240,6 +240,58 @@ def function_prefixes(paths: Sequence[str], min_lines: int = 12, max_lines: int 
     return out
 
 
+def training_function_prefixes(seed: int = 0) -> list[str]:
+    """``function_prefixes`` of the stdlib's training split, shuffled with ``seed``: the
+    prompts of the shipped greedy corpus (``experiments/build_greedy_corpus.py``), in its order."""
+    prompts = function_prefixes(stdlib_files("train"))
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
+def greedy_code_pairs(tokenizer: Any, prompt_tokens: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(prompt ids, continuation ids)`` for every document of the shipped greedy corpus:
+    the prompt as Gemma 3 270M read it (``[bos] + text``, its last ``prompt_tokens``) and the
+    64 tokens it then wrote greedily. Training data for drafts and acceptance heads that
+    should predict what this target writes, in the contexts it writes them. Checks that each
+    document's stored context ends its prompt (the corpus and the prompts agree)."""
+    import json as _json
+
+    from tokax.decode.proposers.retrieval import GREEDY_CORPUS, greedy_corpus_docs
+
+    docs = greedy_corpus_docs()
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(here, "assets", GREEDY_CORPUS, "summary.json")) as f:
+        ctx = int(_json.load(f)["context"])
+    prompts = training_function_prefixes()[: len(docs)]
+    out = []
+    for i, (text, doc) in enumerate(zip(prompts, docs)):
+        ids = np.asarray(tokenizer.encode(text, add_bos=True)[-prompt_tokens:], np.int32)
+        if not np.array_equal(ids[-ctx:], doc[:ctx]):
+            raise ValueError(f"greedy corpus document {i} does not continue prompt {i}: "
+                             "the corpus and the stdlib on this machine disagree")
+        out.append((ids, np.asarray(doc[ctx:], np.int32)))
+    return out
+
+
+def continuation_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], length: int | None = None):
+    """Arrays for a batch of ``(prompt, continuation)`` pairs (``greedy_code_pairs``): tokens
+    ``[B, L]`` (prompt then continuation, right-padded with 0), real lengths ``[B]``, the
+    position before each continuation token ``at [B, C]`` (where a draft predicts it) and the
+    continuation tokens ``[B, C]``. ``L`` = ``length`` or the longest pair."""
+    C = len(pairs[0][1])
+    L = length or max(len(p) + len(c) for p, c in pairs)
+    toks = np.zeros((len(pairs), L), np.int32)
+    lengths = np.zeros((len(pairs),), np.int32)
+    at = np.zeros((len(pairs), C), np.int32)
+    for b, (p, c) in enumerate(pairs):
+        if len(c) != C:
+            raise ValueError("continuations of different lengths in one batch")
+        toks[b, :len(p)], toks[b, len(p):len(p) + C] = p, c
+        lengths[b] = len(p) + C
+        at[b] = len(p) - 1 + np.arange(C)
+    return toks, lengths, at, np.stack([np.asarray(c, np.int32) for _, c in pairs])
+
+
 def _read(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()

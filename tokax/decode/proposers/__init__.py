@@ -76,7 +76,7 @@ def save_params(path: str, params: Any) -> None:
 
     walk("", params)
     with open(path, "wb") as f:
-        np.savez(f, **flat)
+        np.savez_compressed(f, **flat)
 
 
 def load_params(path: str) -> dict:

@@ -71,9 +71,12 @@ def draft_unembed(cfg: ModelConfig, p: Any, hidden: jax.Array) -> jax.Array:
     return full.at[..., p["head_ids"]].set(sub)
 
 
-def draft_forward(cfg: ModelConfig, p: Any, tokens, positions, cache=None, block_mask=None, return_logits=True):
-    """``forward`` for draft params with either head: ``(logits or None, hidden, cache)``."""
-    _, hidden, cache = forward(cfg, decoder_of(p), tokens, positions, cache, block_mask, return_logits=False)
+def draft_forward(cfg: ModelConfig, p: Any, tokens, positions, cache=None, block_mask=None, return_logits=True,
+                  write_cache: bool = True):
+    """``forward`` for draft params with either head: ``(logits or None, hidden, cache)``
+    (with ``write_cache=False``, the block's ``BlockKV`` in place of the cache)."""
+    _, hidden, cache = forward(cfg, decoder_of(p), tokens, positions, cache, block_mask, return_logits=False,
+                               write_cache=write_cache)
     return (draft_unembed(cfg, p, hidden) if return_logits else None), hidden, cache
 
 

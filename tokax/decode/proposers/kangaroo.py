@@ -13,11 +13,19 @@ proposed, further ones are not.
 Here the adapter is one Gemma block (attention + GeGLU FFN with the target's
 widths) appended as layer ``l`` of a decoder whose layers ``< l`` are the
 target's, and the draft keeps its own KV cache for those ``l + 1`` layers.
-Deviation from the paper: the paper reuses the shallow layers' features of
-the drafted tokens in the verify pass (saving ``l / L`` of it); here the
-target recomputes them. With the adapter's output projections at zero
-(``init_adapter(identity=True)``) the draft is plain early exit after ``l``
-layers. ``train_adapter`` distils the adapter from the frozen target.
+``attention_only`` switches the block's FFN off, which gives the paper's
+adapter (attention and its norms). Deviation from the paper: the paper reuses
+the shallow layers' features of the drafted tokens in the verify pass (saving
+``l / L`` of it); here the target recomputes them. With the adapter's output
+projections at zero (``init_adapter(identity=True)``) the draft is plain early
+exit after ``l`` layers.
+
+Params: a bare adapter block, or ``with_subset_head``'s dict, which adds the
+draft's own final norm and/or an LM head restricted to a token subset (the
+shipped Gemma adapter has both). Training: ``train_adapter`` distils the
+adapter from the frozen target (KL over the full vocabulary);
+``train_adapter_greedy`` fits it to the target's greedy tokens on the target's
+own text (``experiments/train_kangaroo_adapter.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tokax.decode.proposers.draft_model import DraftModelProposer
+from tokax.decode.proposers.draft_model import DraftModelProposer, draft_forward, is_subset_head, subset_head_params
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Block, Params, forward
 
@@ -55,7 +63,13 @@ class KangarooProposer(DraftModelProposer):
         return cls(cfg=cfg, k=k, n_shallow=n_shallow, threshold=threshold)
 
     def draft_params(self, tparams: Params, adapter: Any) -> Params:
-        return kangaroo_params(tparams, adapter, self.n_shallow)
+        if not is_packed(adapter):  # a bare adapter block
+            return kangaroo_params(tparams, adapter, self.n_shallow)
+        # {"adapter", optional "final_norm", optional "head_ids" + "head_w"} (``with_subset_head``)
+        dec = kangaroo_params(tparams, adapter["adapter"], self.n_shallow)
+        if "final_norm" in adapter:
+            dec["final_norm"] = adapter["final_norm"]
+        return dict(adapter, decoder=dec) if is_subset_head(adapter) else dec
 
     def continue_after(self, q_logits: jax.Array) -> jax.Array:
         conf = jnp.max(jax.nn.softmax(q_logits.astype(jnp.float32), axis=-1), axis=-1)  # [B]
@@ -69,6 +83,66 @@ def kangaroo_params(tparams: Params, adapter: Params, n_shallow: int) -> Params:
     for i in range(n_shallow):
         out[f"layer_{i}"] = tparams[f"layer_{i}"]
     return out
+
+
+def is_packed(pparams: Any) -> bool:
+    """Whether Kangaroo params are the dict form ``{"adapter": block, ...}`` (else a bare block)."""
+    return isinstance(pparams, dict) and "adapter" in pparams
+
+
+def with_subset_head(tparams: Params, adapter: Params, head_ids: jax.Array | None = None,
+                     final_norm: jax.Array | None = None) -> dict:
+    """Kangaroo params in dict form. ``head_ids`` (sorted, distinct): the draft head covers
+    only these tokens, the target's embedding rows for them gathered once
+    (``draft_model.subset_head_params``). A draft step then costs ``len(head_ids)`` dot
+    products instead of the whole vocabulary, which on a CPU is the difference between a
+    cheap and a useless draft; q(v) = 0 outside the subset, so verification stays exact.
+    ``final_norm``: the draft's own final-norm weights in place of the target's (the paper's
+    adapter has its own norms; trained, they also set the scale, so the confidence the early
+    stop reads is calibrated)."""
+    out: dict = {"adapter": adapter}
+    if final_norm is not None:
+        out["final_norm"] = jnp.asarray(final_norm)
+    if head_ids is not None:
+        sub = subset_head_params({"embed": tparams["embed"]}, head_ids)
+        out.update(head_ids=sub["head_ids"], head_w=sub["head_w"])
+    return out
+
+
+def attention_only(adapter: Params) -> Params:
+    """The adapter with its FFN switched off (gate, up and down at zero: the block adds
+    nothing after its attention). The paper's adapter is one attention layer and its norms;
+    ``train_adapter_greedy(attention_only=True)`` keeps the FFN at zero while training."""
+    return dict(adapter, **{k: jnp.zeros_like(adapter[k]) for k in FFN_KEYS})
+
+
+FFN_KEYS = ("gate", "up", "down")
+
+
+def load_adapter(path: str, target_cfg: ModelConfig, tparams: Params, n_shallow: int) -> Any:
+    """Kangaroo params from a ``.npz`` (``save_params``): a bare adapter, or
+    ``{"adapter", "head_ids", "final_norm"}`` as ``experiments/train_kangaroo_adapter.py``
+    writes it, which becomes ``with_subset_head``'s dict. The adapter is cast to the target's dtype and
+    must be layer ``n_shallow``'s shape (and, where the file says, trained after ``n_shallow``
+    layers)."""
+    from tokax.decode.proposers import load_params
+
+    tree = load_params(path)
+    if "n_shallow" in tree and int(tree["n_shallow"]) != n_shallow:
+        raise ValueError(f"{path} was trained on the first {int(tree['n_shallow'])} layers, not {n_shallow} "
+                         f"(set kangaroo_layers={int(tree['n_shallow'])})")
+    adapter = tree.get("adapter", tree)
+    want = jax.eval_shape(lambda k: init_adapter(target_cfg, n_shallow, k), jax.random.PRNGKey(0))
+    bad = sorted(k for k in want if k not in adapter or adapter[k].shape != want[k].shape)
+    if bad or set(adapter) != set(want):
+        raise ValueError(f"{path}: not a Kangaroo adapter for {target_cfg.name} (mismatched: "
+                         f"{bad or sorted(set(adapter) ^ set(want))})")
+    adapter = {k: v.astype(target_cfg.jnp_dtype) for k, v in adapter.items()}
+    if "head_ids" not in tree and "final_norm" not in tree:
+        return adapter
+    norm = tree.get("final_norm")
+    return with_subset_head(tparams, adapter, tree.get("head_ids"),
+                            None if norm is None else norm.astype(target_cfg.jnp_dtype))
 
 
 def init_adapter(target_cfg: ModelConfig, n_shallow: int, rng: jax.Array, identity: bool = True) -> Params:
@@ -122,3 +196,68 @@ def train_adapter(
         adapter, state, loss = step(adapter, state, jnp.asarray(tokens), tparams)
         losses.append(float(loss))
     return adapter, losses
+
+
+def greedy_ce_loss(proposer: KangarooProposer, tparams: Params, pparams: Any, tokens: jax.Array,
+                   lengths: jax.Array, at: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross-entropy of the draft at positions ``at [B, J]`` of ``tokens [B, L]`` (right-padded,
+    ``lengths [B]`` real tokens) against ``targets [B, J]``, the target model's greedy next
+    tokens there: the adapter's objective for greedy decoding when the target's own greedy
+    text is the data (``tokax.train.data.greedy_code_pairs``), so no target pass is needed.
+    With a subset head, targets outside the subset are left out of the mean."""
+    B, L = tokens.shape
+    ar = jnp.arange(L, dtype=jnp.int32)[None]
+    pos = jnp.where(ar < lengths[:, None], ar, -1)
+    dp = proposer.draft_params(jax.lax.stop_gradient(tparams), pparams)
+    _, hidden, _ = draft_forward(proposer.cfg, dp, tokens, pos, return_logits=False)
+    h = jnp.take_along_axis(hidden, at[:, :, None], axis=1)  # [B, J, D]
+    if is_subset_head(dp):
+        ids = dp["head_ids"]
+        logits = jnp.einsum("bjd,sd->bjs", h, jax.lax.stop_gradient(dp["head_w"]), preferred_element_type=jnp.float32)
+        idx = jnp.clip(jnp.searchsorted(ids, targets), 0, ids.shape[0] - 1)
+        valid = (ids[idx] == targets).astype(jnp.float32)
+    else:
+        from tokax.model.decoder import unembed
+
+        logits = unembed(proposer.cfg, dp, h)
+        idx, valid = targets, jnp.ones(targets.shape, jnp.float32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), idx[..., None], -1)[..., 0]
+    return jnp.sum(valid * nll) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def train_adapter_greedy(
+    proposer: KangarooProposer,
+    tparams: Params,
+    pparams: Any,
+    batches: Iterable[tuple],
+    learning_rate: float = 1e-3,
+    attention_only: bool = True,
+) -> tuple[Any, list[float]]:
+    """Fit the adapter of ``pparams`` (a bare adapter, or ``with_subset_head``'s dict, whose
+    ``final_norm`` is trained too) by ``greedy_ce_loss`` on batches ``(tokens, lengths, at,
+    targets)`` with Adam, the target frozen; ``attention_only`` keeps the FFN's weights where
+    they are (zero after ``attention_only(...)``). Returns the params and the loss per step."""
+    packed = is_packed(pparams)
+    train = {"adapter": pparams["adapter"] if packed else pparams}
+    if packed and "final_norm" in pparams:
+        train["final_norm"] = pparams["final_norm"]
+    frozen = {k: attention_only and k in FFN_KEYS for k in train["adapter"]}
+
+    def full(t):
+        return dict(pparams, **t) if packed else t["adapter"]
+
+    opt = optax.adam(learning_rate)
+    state = opt.init(train)
+
+    @jax.jit
+    def step(train, state, tparams, batch):
+        loss, g = jax.value_and_grad(lambda t: greedy_ce_loss(proposer, tparams, full(t), *batch))(train)
+        g["adapter"] = {k: (jnp.zeros_like(v) if frozen[k] else v) for k, v in g["adapter"].items()}
+        upd, state = opt.update(g, state, train)
+        return optax.apply_updates(train, upd), state, loss
+
+    losses = []
+    for batch in batches:
+        train, state, loss = step(train, state, tparams, tuple(jnp.asarray(b) for b in batch))
+        losses.append(float(loss))
+    return full(train), losses

@@ -22,10 +22,12 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tokax.decode.proposers.draft_model import DraftModelProposer, draft_forward
 from tokax.decode.sampling import SamplingParams, process_logits
+from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params, forward
 
@@ -148,3 +150,76 @@ def train_head(
         head, state, loss = step(head, state, jnp.asarray(tokens), tparams, pparams["model"])
         losses.append(float(loss))
     return dict(pparams, head=head), losses
+
+
+def candidate_hidden(cfg: ModelConfig, dparams: Any, seqs: jax.Array, lengths: jax.Array, at: jax.Array,
+                     cands: jax.Array) -> jax.Array:
+    """The draft's hidden state after it reads candidate ``cands[b, j]`` in place of
+    ``seqs[b, at[b, j] + 1]``, for every ``j`` at once: ``[B, J, D]``.
+
+    ``seqs [B, L]`` holds ``lengths [B]`` real tokens each (right padding), ``at [B, J]``
+    the position each candidate follows (``< lengths``). This is the input the head sees
+    while drafting when the accepted prefix is ``seqs[b, :at + 1]`` and the draft proposed
+    ``cands[b, j]`` next. One pass over ``L + J`` tokens: the sequence causally, each
+    candidate at position ``at + 1`` seeing the sequence up to ``at`` and itself only
+    (a block mask over an empty cache), so no candidate sees another or the token it replaces."""
+    B, L = seqs.shape
+    J = cands.shape[1]
+    ar = jnp.arange(L, dtype=jnp.int32)[None]
+    seq_pos = jnp.where(ar < lengths[:, None], ar, -1)
+    tokens = jnp.concatenate([seqs, cands], axis=1)
+    positions = jnp.concatenate([seq_pos, at + 1], axis=1)
+    seq_rows = jnp.concatenate([jnp.ones((B, L, L), bool), jnp.zeros((B, L, J), bool)], axis=2)
+    sees_seq = ar[:, None, :] <= at[:, :, None]  # [B, J, L]
+    cand_rows = jnp.concatenate([sees_seq, jnp.broadcast_to(jnp.eye(J, dtype=bool), (B, J, J))], axis=2)
+    mask = jnp.concatenate([seq_rows, cand_rows], axis=1)  # [B, L + J, L + J]
+    cache = kvc.init_cache(cfg, B, L + J)
+    _, hidden, _ = draft_forward(cfg, dparams, tokens, positions, cache, block_mask=mask, return_logits=False)
+    return hidden[:, L:]
+
+
+def fit_head(head: Params, features: jax.Array, labels: jax.Array, steps: int, batch: int = 1024,
+             learning_rate: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+             progress=None) -> tuple[Params, list[float]]:
+    """Fit the head by BCE on precomputed ``features [N, D]`` (draft hidden states, e.g.
+    ``candidate_hidden``) and acceptance ``labels [N]`` in [0, 1], with AdamW on random
+    minibatches; returns the head and the loss per step. ``progress``: a callable wrapping
+    the step range (``tqdm``)."""
+    opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+    state = opt.init(head)
+    features = jnp.asarray(features, jnp.float32)
+    labels = jnp.asarray(labels, jnp.float32)
+    N = features.shape[0]
+
+    @jax.jit
+    def step(head, state, idx):
+        x, y = features[idx], labels[idx]
+
+        def loss_fn(h):
+            z = acceptance_logit(h, x)
+            return -jnp.mean(y * jax.nn.log_sigmoid(z) + (1.0 - y) * jax.nn.log_sigmoid(-z))
+
+        loss, g = jax.value_and_grad(loss_fn)(head)
+        upd, state = opt.update(g, state, head)
+        return optax.apply_updates(head, upd), state, loss
+
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in (progress or (lambda r: r))(range(steps)):
+        head, state, loss = step(head, state, jnp.asarray(rng.integers(0, N, min(batch, N))))
+        losses.append(float(loss))
+    return head, losses
+
+
+def head_bce(head: Params, features: jax.Array, labels: jax.Array) -> dict:
+    """Held-out BCE of the head and of the best constant (the labels' mean) on
+    ``features [N, D]`` / ``labels [N]``, and the head's accuracy at 1/2."""
+    y = np.asarray(labels, np.float64)
+    a = np.clip(np.asarray(jax.jit(acceptance_prob)(head, jnp.asarray(features, jnp.float32)), np.float64),
+                1e-7, 1 - 1e-7)
+    m = float(np.clip(y.mean(), 1e-7, 1 - 1e-7))
+    return {"n": int(y.size), "accept_rate": round(float(y.mean()), 4),
+            "bce_head": round(float(-(y * np.log(a) + (1 - y) * np.log(1 - a)).mean()), 4),
+            "bce_best_constant": round(float(-(y * np.log(m) + (1 - y) * np.log(1 - m)).mean()), 4),
+            "accuracy_at_half": round(float(((a > 0.5) == (y > 0.5)).mean()), 4),
+            "accuracy_best_constant": round(max(float(y.mean()), 1 - float(y.mean())), 4)}

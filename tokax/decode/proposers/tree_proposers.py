@@ -135,11 +135,12 @@ def draft_catch_up(cfg: ModelConfig, dparams, st: DraftTreeState, ctx: Context, 
 
 
 def draft_tree_logits(cfg: ModelConfig, dparams, cache: kvc.KVCache, tokens, parents, valid, root_pos) -> jax.Array:
-    """Draft logits at every valid node of a (partial) tree ``[B, N, V]``;
-    the cache written by this pass is discarded."""
+    """Draft logits at every valid node of a (partial) tree ``[B, N, V]``; the cache is
+    only read (the nodes' K/V are not kept, so nothing is written or copied)."""
     depth = tree_depth(parents)
     pos = jnp.where(valid, root_pos[:, None] + depth, -1)
-    logits, _, _ = draft_forward(cfg, dparams, tokens, pos, cache, block_mask=ancestor_mask(parents))
+    logits, _, _ = draft_forward(cfg, dparams, tokens, pos, cache, block_mask=ancestor_mask(parents),
+                                 write_cache=False)
     return logits
 
 
