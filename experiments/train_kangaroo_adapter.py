@@ -49,20 +49,11 @@ CONT = 64
 def evaluate(prop, params, pp, pairs, L: int, batch: int) -> dict:
     """Held-out top-1 agreement of the draft with the target's greedy tokens, and the mean
     cross-entropy, over every continuation position of ``pairs``."""
-    from tokax.decode.proposers.draft_model import draft_forward
+    from tokax.decode.proposers.kangaroo import greedy_scores
 
     @jax.jit
     def run(pp, toks, lengths, at, tgt):
-        ar = jnp.arange(L, dtype=jnp.int32)[None]
-        pos = jnp.where(ar < lengths[:, None], ar, -1)
-        dp = prop.draft_params(params, pp)
-        _, h, _ = draft_forward(prop.cfg, dp, toks, pos, return_logits=False)
-        h = jnp.take_along_axis(h, at[:, :, None], axis=1)
-        logits = jnp.einsum("bjd,sd->bjs", h, dp["head_w"], preferred_element_type=jnp.float32)
-        idx = jnp.clip(jnp.searchsorted(dp["head_ids"], tgt), 0, dp["head_ids"].shape[0] - 1)
-        in_head = dp["head_ids"][idx] == tgt
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), idx[..., None], -1)[..., 0]
-        agree = dp["head_ids"][jnp.argmax(logits, -1)] == tgt
+        nll, in_head, agree = greedy_scores(prop, params, pp, toks, lengths, at, tgt)
         return agree.sum(-1), jnp.where(in_head, nll, 0.0).sum(-1), in_head.sum(-1)
 
     agree = nll = n_in = 0
@@ -135,14 +126,11 @@ def main(argv=None) -> dict:
            "heldout_before": before, "heldout": after, "seconds": round(time.perf_counter() - t0, 1),
            "command": "python experiments/train_kangaroo_adapter.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(json.dumps(res), flush=True)
-    os.makedirs(args.out, exist_ok=True)
     out = {"adapter": jax.tree.map(lambda a: np.asarray(a, np.float16), pp["adapter"]),
            "head_ids": np.asarray(pp["head_ids"]), "n_shallow": np.int32(args.layers)}
     if "final_norm" in pp:
         out["final_norm"] = np.asarray(pp["final_norm"], np.float32)
-    P.save_params(os.path.join(args.out, "adapter.npz"), out)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    P.save_asset(args.out, "adapter.npz", out, res)
     return res
 
 

@@ -46,15 +46,14 @@ def features(dcfg, dparams, pairs, batch: int, progress=None):
     """(hidden after each candidate ``[N, D]``, greedy acceptance ``[N]``) over all pairs."""
     from tokax.decode.proposers.draft_model import draft_forward, draft_unembed
     from tokax.decode.proposers.specdec_pp import candidate_hidden
+    from tokax.model.decoder import padded_positions
     from tokax.train.data import continuation_batch
 
     L = max(len(p) for p, _ in pairs) + CONT
 
     @jax.jit
     def run(seqs, lengths, at, target_next):
-        pos = jnp.arange(L, dtype=jnp.int32)[None]
-        pos = jnp.where(pos < lengths[:, None], pos, -1)
-        _, h, _ = draft_forward(dcfg, dparams, seqs, pos, return_logits=False)
+        _, h, _ = draft_forward(dcfg, dparams, seqs, padded_positions(lengths, L), return_logits=False)
         h_at = jnp.take_along_axis(h, at[:, :, None], axis=1)  # [B, J, D]
         cand = jnp.argmax(draft_unembed(dcfg, dparams, h_at), -1).astype(jnp.int32)
         return candidate_hidden(dcfg, dparams, seqs, lengths, at, cand), cand == target_next
@@ -115,10 +114,7 @@ def main(argv=None) -> dict:
            "seconds": round(time.perf_counter() - t0, 1),
            "command": "python experiments/train_specdec_head.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(json.dumps(res), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    P.save_params(os.path.join(args.out, "head.npz"), head)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    P.save_asset(args.out, "head.npz", head, res)
     return res
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from tokax.jobs.speculative import trained_path
+from tokax.model.decoder import padded_positions
+from tokax.train.data import continuation_batch
 
 N_DOCS = 32  # held-out documents
 CONT = 64
@@ -27,12 +29,6 @@ def setup():
     cfg, params = load_gemma3("float32")
     pairs = greedy_code_pairs(load_gemma3_tokenizer())
     return cfg, params, pairs[-N_DOCS:]
-
-
-def arrays(pairs):
-    from tokax.train.data import continuation_batch
-
-    return continuation_batch(pairs)
 
 
 @pytest.mark.slow
@@ -50,9 +46,9 @@ def test_shipped_specdec_head_beats_the_constant_prior(setup):
     head = load_params(trained_path("specdec_head", "trained"))
     ys, ps = [], []
     for s in range(0, N_DOCS, 16):
-        toks, lengths, at, nxt = arrays(pairs[s:s + 16])
-        pos = np.where(np.arange(toks.shape[1])[None] < lengths[:, None], np.arange(toks.shape[1])[None], -1)
-        _, h, _ = draft_forward(dcfg, dp, jnp.asarray(toks), jnp.asarray(pos), return_logits=False)
+        toks, lengths, at, nxt = continuation_batch(pairs[s:s + 16])
+        pos = padded_positions(lengths, toks.shape[1])
+        _, h, _ = draft_forward(dcfg, dp, jnp.asarray(toks), pos, return_logits=False)
         h_at = jnp.take_along_axis(h, jnp.asarray(at)[:, :, None], axis=1)
         cand = jnp.argmax(draft_unembed(dcfg, dp, h_at), -1).astype(jnp.int32)
         hc = candidate_hidden(dcfg, dp, jnp.asarray(toks), jnp.asarray(lengths), jnp.asarray(at), cand)
@@ -89,9 +85,9 @@ def test_shipped_kangaroo_adapter_agrees_with_the_target(setup):
         hits = 0
         dp = prop.draft_params(params, pp)
         for s in range(0, N_DOCS, 16):
-            toks, lengths, at, nxt = arrays(pairs[s:s + 16])
-            pos = np.where(np.arange(toks.shape[1])[None] < lengths[:, None], np.arange(toks.shape[1])[None], -1)
-            _, h, _ = draft_forward(prop.cfg, dp, jnp.asarray(toks), jnp.asarray(pos), return_logits=False)
+            toks, lengths, at, nxt = continuation_batch(pairs[s:s + 16])
+            pos = padded_positions(lengths, toks.shape[1])
+            _, h, _ = draft_forward(prop.cfg, dp, jnp.asarray(toks), pos, return_logits=False)
             h_at = jnp.take_along_axis(h, jnp.asarray(at)[:, :, None], axis=1)
             hits += int((np.asarray(jnp.argmax(draft_unembed(prop.cfg, dp, h_at), -1)) == nxt).sum())
         return hits / (N_DOCS * CONT)

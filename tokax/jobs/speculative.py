@@ -76,9 +76,9 @@ TRAINED = {
 def trained_path(key: str, name: str) -> str:
     """The file a ``TRAINED`` key names: the shipped one for 'trained', else ``name``."""
     if name == "trained":
-        from tokax.decode.proposers.distilled import DEFAULT_DRAFT_DIR
+        from tokax import ASSETS_DIR
 
-        return str(DEFAULT_DRAFT_DIR.parent.joinpath(*TRAINED[key]))
+        return str(ASSETS_DIR.joinpath(*TRAINED[key]))
     return name
 
 

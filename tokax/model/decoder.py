@@ -175,6 +175,13 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     return model.init(rng, tok, jnp.zeros((1, 1), jnp.int32), cache)["params"]
 
 
+def padded_positions(lengths: jax.Array, length: int) -> jax.Array:
+    """Positions ``[B, length]`` of right-padded rows with ``lengths [B]`` real tokens:
+    ``0 .. n - 1``, then -1 (padding: written as empty slots, attends to nothing)."""
+    ar = jnp.arange(length, dtype=jnp.int32)[None]
+    return jnp.where(ar < jnp.asarray(lengths)[:, None], ar, -1)
+
+
 def forward(cfg: ModelConfig, params: Params, tokens, positions, cache=None, block_mask=None, return_logits=True,
             segment_ids=None, write_cache=True):
     """Functional form of ``Decoder(cfg).apply``."""

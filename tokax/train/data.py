@@ -254,14 +254,11 @@ def greedy_code_pairs(tokenizer: Any, prompt_tokens: int = 256) -> list[tuple[np
     64 tokens it then wrote greedily. Training data for drafts and acceptance heads that
     should predict what this target writes, in the contexts it writes them. Checks that each
     document's stored context ends its prompt (the corpus and the prompts agree)."""
-    import json as _json
-
+    from tokax import ASSETS_DIR
     from tokax.decode.proposers.retrieval import GREEDY_CORPUS, greedy_corpus_docs
 
     docs = greedy_corpus_docs()
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(here, "assets", GREEDY_CORPUS, "summary.json")) as f:
-        ctx = int(_json.load(f)["context"])
+    ctx = int(json.loads((ASSETS_DIR / GREEDY_CORPUS / "summary.json").read_text())["context"])
     prompts = training_function_prefixes()[: len(docs)]
     out = []
     for i, (text, doc) in enumerate(zip(prompts, docs)):

@@ -79,6 +79,19 @@ def save_params(path: str, params: Any) -> None:
         np.savez_compressed(f, **flat)
 
 
+def save_asset(out_dir: str, filename: str, params: Any, summary: dict) -> None:
+    """A trained asset as tokax ships them (``tokax/assets/<name>/``): ``params`` as
+    ``out_dir/filename`` (``save_params``) and ``summary`` (how it was made, what it scored)
+    as ``out_dir/summary.json``."""
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_params(os.path.join(out_dir, filename), params)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
 def load_params(path: str) -> dict:
     """Inverse of ``save_params``."""
     import jax.numpy as jnp

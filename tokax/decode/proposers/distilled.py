@@ -27,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokax import ASSETS_DIR
 from tokax.decode.proposers.draft_model import subset_head_params
 from tokax.model import lora as lora_lib
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params
 
-DEFAULT_DRAFT_DIR = Path(__file__).resolve().parents[2] / "assets" / "gemma3_270m_draft"
+DEFAULT_DRAFT_DIR = ASSETS_DIR / "gemma3_270m_draft"
 META = "meta.json"
 ARRAYS = "arrays"  # the orbax checkpoint directory inside a draft directory
 

@@ -133,10 +133,9 @@ def load_adapter(path: str, target_cfg: ModelConfig, tparams: Params, n_shallow:
                          f"(set kangaroo_layers={int(tree['n_shallow'])})")
     adapter = tree.get("adapter", tree)
     want = jax.eval_shape(lambda k: init_adapter(target_cfg, n_shallow, k), jax.random.PRNGKey(0))
-    bad = sorted(k for k in want if k not in adapter or adapter[k].shape != want[k].shape)
-    if bad or set(adapter) != set(want):
-        raise ValueError(f"{path}: not a Kangaroo adapter for {target_cfg.name} (mismatched: "
-                         f"{bad or sorted(set(adapter) ^ set(want))})")
+    bad = sorted(set(adapter) ^ set(want)) or sorted(k for k in want if adapter[k].shape != want[k].shape)
+    if bad:
+        raise ValueError(f"{path}: not a Kangaroo adapter for {target_cfg.name} (mismatched: {bad})")
     adapter = {k: v.astype(target_cfg.jnp_dtype) for k, v in adapter.items()}
     if "head_ids" not in tree and "final_norm" not in tree:
         return adapter
@@ -198,30 +197,39 @@ def train_adapter(
     return adapter, losses
 
 
-def greedy_ce_loss(proposer: KangarooProposer, tparams: Params, pparams: Any, tokens: jax.Array,
-                   lengths: jax.Array, at: jax.Array, targets: jax.Array) -> jax.Array:
-    """Cross-entropy of the draft at positions ``at [B, J]`` of ``tokens [B, L]`` (right-padded,
-    ``lengths [B]`` real tokens) against ``targets [B, J]``, the target model's greedy next
-    tokens there: the adapter's objective for greedy decoding when the target's own greedy
-    text is the data (``tokax.train.data.greedy_code_pairs``), so no target pass is needed.
-    With a subset head, targets outside the subset are left out of the mean."""
-    B, L = tokens.shape
-    ar = jnp.arange(L, dtype=jnp.int32)[None]
-    pos = jnp.where(ar < lengths[:, None], ar, -1)
+def greedy_scores(proposer: KangarooProposer, tparams: Params, pparams: Any, tokens: jax.Array,
+                  lengths: jax.Array, at: jax.Array, targets: jax.Array):
+    """The draft at positions ``at [B, J]`` of ``tokens [B, L]`` (right-padded, ``lengths [B]``
+    real tokens) against ``targets [B, J]``, the target model's greedy next tokens there:
+    ``(nll, valid, agree)``, each ``[B, J]``. ``nll`` is the draft's negative log-likelihood of
+    the target's token, ``valid`` whether the draft's head holds that token (always, with the
+    full head), ``agree`` whether the draft's own greedy token is it."""
+    from tokax.model.decoder import padded_positions, unembed
+
     dp = proposer.draft_params(jax.lax.stop_gradient(tparams), pparams)
-    _, hidden, _ = draft_forward(proposer.cfg, dp, tokens, pos, return_logits=False)
+    _, hidden, _ = draft_forward(proposer.cfg, dp, tokens, padded_positions(lengths, tokens.shape[1]),
+                                 return_logits=False)
     h = jnp.take_along_axis(hidden, at[:, :, None], axis=1)  # [B, J, D]
     if is_subset_head(dp):
         ids = dp["head_ids"]
         logits = jnp.einsum("bjd,sd->bjs", h, jax.lax.stop_gradient(dp["head_w"]), preferred_element_type=jnp.float32)
         idx = jnp.clip(jnp.searchsorted(ids, targets), 0, ids.shape[0] - 1)
-        valid = (ids[idx] == targets).astype(jnp.float32)
+        valid, pick = ids[idx] == targets, ids[jnp.argmax(logits, -1)]
     else:
-        from tokax.model.decoder import unembed
-
         logits = unembed(proposer.cfg, dp, h)
-        idx, valid = targets, jnp.ones(targets.shape, jnp.float32)
+        idx, valid, pick = targets, jnp.ones(targets.shape, bool), jnp.argmax(logits, -1)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), idx[..., None], -1)[..., 0]
+    return nll, valid, pick == targets
+
+
+def greedy_ce_loss(proposer: KangarooProposer, tparams: Params, pparams: Any, tokens: jax.Array,
+                   lengths: jax.Array, at: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean ``greedy_scores`` NLL over the valid positions: the adapter's objective for greedy
+    decoding when the target's own greedy text is the data
+    (``tokax.train.data.greedy_code_pairs``), so no target pass is needed. With a subset head,
+    targets outside the subset are left out of the mean."""
+    nll, valid, _ = greedy_scores(proposer, tparams, pparams, tokens, lengths, at, targets)
+    valid = valid.astype(jnp.float32)
     return jnp.sum(valid * nll) / jnp.maximum(jnp.sum(valid), 1.0)
 
 

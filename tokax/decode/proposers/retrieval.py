@@ -407,11 +407,10 @@ GREEDY_CORPUS = "gemma3_270m_greedy_code"  # tokax/assets/<this>/tokens.npz
 def greedy_corpus_docs(name: str = GREEDY_CORPUS) -> list[np.ndarray]:
     """The shipped greedy continuations of Gemma 3 270M on training-split code
     (``experiments/build_greedy_corpus.py``), one token array per continuation."""
-    import os
+    from tokax import ASSETS_DIR
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "assets", name, "tokens.npz")
-    if not os.path.exists(path):
+    path = ASSETS_DIR / name / "tokens.npz"
+    if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run experiments/build_greedy_corpus.py")
     with np.load(path) as z:
         tokens, lengths = z["tokens"], z["lengths"]

@@ -29,7 +29,7 @@ from tokax.decode.proposers.draft_model import DraftModelProposer, draft_forward
 from tokax.decode.sampling import SamplingParams, process_logits
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
-from tokax.model.decoder import Params, forward
+from tokax.model.decoder import Params, forward, padded_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +166,8 @@ def candidate_hidden(cfg: ModelConfig, dparams: Any, seqs: jax.Array, lengths: j
     B, L = seqs.shape
     J = cands.shape[1]
     ar = jnp.arange(L, dtype=jnp.int32)[None]
-    seq_pos = jnp.where(ar < lengths[:, None], ar, -1)
     tokens = jnp.concatenate([seqs, cands], axis=1)
-    positions = jnp.concatenate([seq_pos, at + 1], axis=1)
+    positions = jnp.concatenate([padded_positions(lengths, L), at + 1], axis=1)
     seq_rows = jnp.concatenate([jnp.ones((B, L, L), bool), jnp.zeros((B, L, J), bool)], axis=2)
     sees_seq = ar[:, None, :] <= at[:, :, None]  # [B, J, L]
     cand_rows = jnp.concatenate([sees_seq, jnp.broadcast_to(jnp.eye(J, dtype=bool), (B, J, J))], axis=2)
