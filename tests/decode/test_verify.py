@@ -129,3 +129,49 @@ def test_wrong_rules_fail_the_same_check(setup, wrong):
     s = setup
     first, _, _ = emitted(wrong, s, s["q_logits"], s["drafts"], np.full((N_ROWS,), 2, np.int32), seed=2)
     assert chi2_pvalue(first, s["p"][0]) < 1e-4
+
+
+def test_verifiers_declare_their_greedy_path():
+    """The loops take greedy tokens from the screen only for verifiers that declare it."""
+    from tokax.decode.tree import SpecTrVerifier, TreeVerifier
+    from tokax.decode.verify import ALWAYS, AT_ZERO_TEMPERATURE, greedy_path, verify
+
+    assert greedy_path(greedy_verify) == ALWAYS
+    assert greedy_path(verify) == AT_ZERO_TEMPERATURE
+    assert greedy_path(TreeVerifier()) == greedy_path(TreeVerifier(update_residual=False)) == AT_ZERO_TEMPERATURE
+    assert greedy_path(SpecTrVerifier(k=2, length=3)) == AT_ZERO_TEMPERATURE
+    assert greedy_path(sampling_verify) is None  # reads the logits at every temperature
+
+    def odd(*a):
+        return None
+
+    odd.greedy_path = "sometimes"
+    with pytest.raises(ValueError, match="sometimes"):
+        greedy_path(odd)
+
+
+def test_an_undeclared_verifier_gets_logits_under_the_screen():
+    """A custom verifier without ``greedy_path`` (here: never accept, emit the argmax) receives the
+    float32 logits even with the screen on, and its output is still plain greedy's."""
+    from tests.decode.test_speculative import model_params
+    from tokax.decode.generate import Generator
+    from tokax.decode.proposers import PromptLookupProposer
+    from tokax.decode.speculative import SpeculativeGenerator
+    from tokax.model import config as mc
+
+    seen = []
+
+    def reject_all(p_logits, drafts, n_draft, q_logits, sp, rng):
+        seen.append(p_logits.shape)
+        return jnp.zeros_like(n_draft), jnp.argmax(p_logits[:, 0], axis=-1).astype(jnp.int32)
+
+    cfg = mc.tiny(vocab_size=32)
+    params = model_params(cfg, seed=4)
+    prompts = [[3, 5, 2, 7, 3, 5, 2], [1, 9, 4]]
+    gen = SpeculativeGenerator(cfg, params, PromptLookupProposer(k=2), None, eos_ids=(), verifier=reject_all,
+                               greedy_screen=True)
+    outs, stats = gen.generate(prompts, 10)
+    plain = Generator(cfg, params, eos_ids=()).generate(prompts, 10)
+    assert [list(o) for o in outs] == [list(p) for p in plain]
+    assert seen and all(s[-1] == 32 for s in seen)  # traced with [B, T, V] logits
+    assert all(s["accepted"] == 0 and s["target_passes"] == 10 for s in stats)

@@ -41,7 +41,7 @@ from flax import struct
 from tokax.decode.generate import Generator, bucket, pad_prompts
 from tokax.decode.proposers import Context
 from tokax.decode.sampling import SamplingParams
-from tokax.decode.verify import greedy_accept, greedy_verify, verify
+from tokax.decode.verify import ALWAYS, greedy_accept, greedy_path, verify
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params, forward
@@ -182,11 +182,12 @@ def spec_step(cfg, params, proposer, pparams, s: SpecState, sp: SamplingParams, 
         lg, h, c = target_pass(False)
         return verifier(lg, prop.tokens, n_draft, prop.q_logits, sp, k_ver), h, c
 
-    if screen is None or verifier not in (verify, greedy_verify):
+    mode = greedy_path(verifier)  # when the verifier needs only the greedy tokens
+    if screen is None or mode is None:
         (n_acc, nxt), hidden, blk = verified_round(None)
-    elif verifier is greedy_verify:
+    elif mode == ALWAYS:
         (n_acc, nxt), hidden, blk = greedy_round(None)
-    else:  # ``verify``: greedy at temperature 0, speculative sampling (full logits) otherwise
+    else:  # greedy at temperature 0, e.g. speculative sampling (full logits) otherwise
         (n_acc, nxt), hidden, blk = jax.lax.cond(sp.temperature <= 0.0, greedy_round, verified_round, None)
     cache = kvc.write_block(s.cache, blk)  # outside the branches: in place
 

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from tokax.decode.sampling import SamplingParams, process_logits
+from tokax.decode.verify import AT_ZERO_TEMPERATURE
 from tokax.model import kv_cache as kvc
 
 
@@ -276,6 +277,7 @@ class SpecTrVerifier:
     k: int
     length: int
     fixed_rho: float | None = None
+    greedy_path = AT_ZERO_TEMPERATURE  # greedy_tree_verify at temperature 0 (not a field)
 
     def __call__(self, p_logits, tree: Tree, sp: SamplingParams, rng, max_depth: int):
         return jax.lax.cond(
@@ -291,7 +293,6 @@ class SpecTrVerifier:
             raise ValueError(f"SpecTr tree has {N} nodes, expected k * length = {k} * {L}")
         if tree.q_probs is None:
             raise ValueError("SpecTr verification needs the draft distributions (tree.q_probs) of i.i.d. drafts")
-        V = p_logits.shape[-1]
         k_acc, k_next = jax.random.split(rng)
         p_all = jax.nn.softmax(process_logits(p_logits, sp), axis=-1)  # [B, 1+N, V]
         u = jax.random.uniform(k_acc, (B, L, k))
@@ -335,6 +336,7 @@ class TreeVerifier:
     used as a negative control in tests."""
 
     update_residual: bool = True
+    greedy_path = AT_ZERO_TEMPERATURE  # greedy_tree_verify at temperature 0 (not a field)
 
     def __call__(self, p_logits, tree: Tree, sp: SamplingParams, rng, max_depth: int):
         return jax.lax.cond(

@@ -34,11 +34,11 @@ from flax import struct
 from tokax.decode.proposers import Context
 from tokax.decode.sampling import SamplingParams
 from tokax.decode.speculative import SpeculativeGenerator, buffer_sizes, sized_pass, verify_block_sizes
-from tokax.decode.tree import (SpecTrVerifier, TreeVerifier, block_mask, block_positions, compact_to_path,
-                               greedy_tree_accept)
+from tokax.decode.tree import block_mask, block_positions, compact_to_path, greedy_tree_accept
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params, forward
+from tokax.decode.verify import ALWAYS, greedy_path
 from tokax.model.screen import ArgmaxScreen
 
 
@@ -135,10 +135,13 @@ def tree_step(cfg, params, proposer, pparams, s: TreeState, sp: SamplingParams, 
 
     observes_logits = hasattr(proposer, "observe")  # Token Recycling reads the target's top-k
     p_logits = None
-    if screen is None or observes_logits or not isinstance(verifier, (TreeVerifier, SpecTrVerifier)):
+    mode = greedy_path(verifier)  # when the verifier needs only the greedy tokens
+    if screen is None or observes_logits or mode is None:
         p_logits, hidden, blk = target_pass(False)
         n_acc, path, nxt = verifier(p_logits, tree, sp, k_ver, D)
-    else:  # these verifiers are greedy at temperature 0
+    elif mode == ALWAYS:
+        (n_acc, path, nxt), hidden, blk = greedy_round(None)
+    else:  # greedy at temperature 0
         (n_acc, path, nxt), hidden, blk = jax.lax.cond(sp.temperature <= 0.0, greedy_round, verified_round, None)
     cache = kvc.write_block(s.cache, blk)  # outside the branches: in place
     n_acc = jnp.where(live, n_acc, 0)

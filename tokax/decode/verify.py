@@ -22,6 +22,14 @@ top-p, min-p applied identically to both):
     if all n_draft pass:       next ~ p_{n_draft}
 
 which makes every emitted token distributed exactly as p.
+
+A verifier declares, as its ``greedy_path`` attribute, when its acceptance
+depends only on the target's greedy tokens: ``ALWAYS`` (``greedy_verify``),
+``AT_ZERO_TEMPERATURE`` (``verify``; the tree verifiers of
+``tokax.decode.tree``), or nothing (it reads the full logits). The decode
+loops read it (``greedy_path``) to take those tokens from the bfloat16 screen
+(``tokax.model.screen``) instead of computing float32 logits; a verifier
+without it, such as a custom or deliberately wrong rule, always gets logits.
 """
 
 from __future__ import annotations
@@ -30,6 +38,19 @@ import jax
 import jax.numpy as jnp
 
 from tokax.decode.sampling import SamplingParams, process_logits
+
+ALWAYS = "always"
+AT_ZERO_TEMPERATURE = "at_zero_temperature"
+
+
+def greedy_path(verifier) -> str | None:
+    """``ALWAYS``, ``AT_ZERO_TEMPERATURE`` or None: when ``verifier`` needs only the target's
+    greedy tokens (module docstring)."""
+    mode = getattr(verifier, "greedy_path", None)
+    if mode not in (None, ALWAYS, AT_ZERO_TEMPERATURE):
+        raise ValueError(f"verifier {verifier!r}: greedy_path={mode!r} is not one of {ALWAYS!r}, "
+                         f"{AT_ZERO_TEMPERATURE!r} or None")
+    return mode
 
 
 def leading_true(ok: jax.Array) -> jax.Array:
@@ -95,3 +116,7 @@ def verify(p_logits, drafts, n_draft, q_logits, sp: SamplingParams, rng):
         lambda: greedy_verify(p_logits, drafts, n_draft),
         lambda: sampling_verify(p_logits, drafts, n_draft, q_logits, sp, rng),
     )
+
+
+greedy_verify.greedy_path = ALWAYS
+verify.greedy_path = AT_ZERO_TEMPERATURE

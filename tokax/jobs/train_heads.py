@@ -13,7 +13,6 @@ from tokax.jobs import check
 
 def run(c) -> dict:
     from tokax.decode.proposers import save_params
-    from tokax.decode.proposers.blockwise import apply_heads, init_heads
     from tokax.train import heads
 
     check(c.k >= 1, "k", c.k, "must be >= 1 (number of heads)")
@@ -21,7 +20,7 @@ def run(c) -> dict:
     os.makedirs(out, exist_ok=True)
     if not c.hidden_cache:
         c.hidden_cache = os.path.join(out, "target_hidden.npz")  # a rerun reuses the target pass
-    res = heads.run(c, apply_heads, lambda d, k, rng: init_heads(d, k), log_file=os.path.join(out, "log.jsonl"))
+    res = heads.run(c, log_file=os.path.join(out, "log.jsonl"))
     path = os.path.join(out, "heads.npz")
     save_params(path, res.pop("hparams"))
     res["heads"] = path

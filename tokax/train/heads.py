@@ -4,9 +4,8 @@ Stern et al. 2018; Medusa-1, Cai et al. 2024).
 Head ``i`` (1..k) reads the target's final-normed hidden state ``h_t`` (the
 state after token ``t``) and predicts token ``t+1+i``; its logits are
 ``E f_i(h_t)`` with ``E`` the target's tied embedding (``head_fn`` gives
-``f [..., k, D]``; ``tokax.decode.proposers.blockwise.apply_heads`` is the
-one the decoder uses, passed in by the caller because ``tokax.train`` does
-not import ``tokax.decode``). Per head, over valid positions:
+``f [..., k, D]``; by default ``tokax.model.heads.apply_heads``, the one the
+decoder uses). Per head, over valid positions:
 
     L_i = (1 - w) * CE(E f_i(h_t), y_{t,i}) + w * KL(p(. | x_{<=t+i}) || q_i(. | x_{<=t}))
 
@@ -27,7 +26,7 @@ Accuracy is measured with the full-vocabulary argmax. ``head_vocab`` > 0
 full softmax over that subset in training, accuracy over it, and the saved
 heads carry ``head_ids`` so that decoding drafts from the same subset.
 
-``run(config, head_fn)`` trains from ``configs/blockwise.py``.
+``run(config)`` trains from ``configs/blockwise.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ import optax
 
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import forward
+from tokax.model.heads import apply_heads, init_heads
 from tokax.train.logprobs import token_kl, token_logprobs
 
 Params = Any
@@ -268,8 +268,10 @@ def load_target(c) -> tuple[ModelConfig, Params, Any]:
     return cfg, params, tok
 
 
-def run(c, head_fn: HeadFn, init_fn: Callable[[int, int, jax.Array], Params], log_file: str | None = None) -> dict:
-    """Train heads per config ``c`` (``configs/blockwise.py``). Returns a
+def run(c, head_fn: HeadFn = apply_heads, init_fn: Callable[[int, int, jax.Array], Params] | None = None,
+        log_file: str | None = None) -> dict:
+    """Train heads per config ``c`` (``configs/blockwise.py``): ``head_fn`` and ``init_fn(d, k, rng)``
+    default to ``tokax.model.heads`` (Medusa's zero init). Returns a
     summary dict with per-head held-out accuracy vs the target's greedy token
     (and vs the data token) before and after training, and the trained
     ``hparams`` (the caller saves them, e.g. ``tokax.decode.proposers.save_params``)."""
@@ -330,6 +332,7 @@ def run(c, head_fn: HeadFn, init_fn: Callable[[int, int, jax.Array], Params], lo
         lab_ev_g, _ = to_subset(lab_ev_g, head_ids, outside=-1)  # a label outside S counts as a miss
         lab_ev_d, _ = to_subset(lab_ev_d, head_ids, outside=-1)
         say(event="head_vocab", size=int(len(head_ids)), train_labels_in_subset=round(float(inside.mean()), 4))
+    init_fn = init_fn or (lambda d, n, rng: init_heads(d, n))
     hparams = init_fn(cfg.d_model, k, jax.random.PRNGKey(c.seed))
     acc0 = head_accuracy(head_fn, hparams, h_ev, embed, lab_ev_g, ok_ev_g)
     say(event="eval", step=0, acc_vs_greedy=acc0.round(4).tolist())

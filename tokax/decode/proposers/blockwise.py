@@ -31,6 +31,7 @@ temperature > 0 with ``q_logits`` returned so speculative sampling keeps the
 target's exact distribution; with ``sample_drafts=False`` they are argmax
 drafts treated as deterministic (q one-hot), also exact.
 
+The heads' formula and init live in ``tokax.model.heads`` (shared with training).
 ``head_topk_tree`` expands the heads into Medusa's static token tree (the
 cartesian product of each head's top-``k_i`` tokens) for tree verification.
 Training (frozen target): ``tokax.train.heads``.
@@ -50,31 +51,9 @@ from flax import struct
 from tokax.decode.proposers import Context, Proposal
 from tokax.decode.proposers.draft_model import NEG_LOGIT
 from tokax.decode.sampling import SamplingParams, sample
+from tokax.model.heads import apply_heads, init_heads  # noqa: F401  (the formula; re-exported here)
 
 Params = Any
-
-
-def init_heads(d_model: int, k: int, rng: jax.Array | None = None, scale: float = 0.0) -> Params:
-    """Params of ``k`` heads: ``{"w": [k, D, D], "b": [k, D]}`` float32.
-    ``scale = 0`` (default) is Medusa's init: ``W = 0``, each head equals the
-    target's next-token head. ``scale > 0`` draws ``W ~ N(0, scale^2 / D)``
-    (tests: heads that disagree with each other and with the target)."""
-    if k < 1:
-        raise ValueError(f"blockwise heads: k={k} must be >= 1")
-    w = jnp.zeros((k, d_model, d_model), jnp.float32)
-    if scale > 0.0:
-        if rng is None:
-            raise ValueError("init_heads(scale > 0) needs an rng")
-        w = jax.random.normal(rng, (k, d_model, d_model), jnp.float32) * (scale * d_model**-0.5)
-    return {"w": w, "b": jnp.zeros((k, d_model), jnp.float32)}
-
-
-def apply_heads(hparams: Params, hidden: jax.Array) -> jax.Array:
-    """Head features ``f_i = h + SiLU(W_i h + b_i)``: ``hidden [..., D]`` ->
-    ``[..., k, D]`` float32 (unembed with the target's embedding for logits)."""
-    h = hidden.astype(jnp.float32)
-    z = jnp.einsum("...d,kde->...ke", h, hparams["w"]) + hparams["b"]  # [..., k, D]
-    return h[..., None, :] + jax.nn.silu(z)
 
 
 def head_logits(hparams: Params, embed: jax.Array, hidden: jax.Array) -> jax.Array:
