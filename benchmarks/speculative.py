@@ -18,9 +18,12 @@ that compiles it.
 Reported per set and method: wall-clock speedup over tokax plain greedy,
 mean accepted draft tokens per target pass, tokens per target pass, and
 whether the output equals plain greedy token for token. HF: plain
-``generate`` and ``generate(prompt_lookup_num_tokens=K)``;
-``hf_prompt_lookup_speedup`` is HF prompt lookup over HF plain greedy (each
-framework against its own baseline).
+``generate``, ``generate(prompt_lookup_num_tokens=K)`` and, with
+``--hf-assisted``, assisted generation with tokax's distilled draft converted
+to an HF model (``tests.model.hf_reference.hf_draft``: the same weights, but
+the full tied head, since an HF assistant must score the whole vocabulary; K
+tokens per round); ``hf_prompt_lookup_speedup`` is HF prompt lookup over HF
+plain greedy (each framework against its own baseline).
 
     python benchmarks/speculative.py [--json] [--new-tokens 64] [--n-prompts 20] \
         [--methods prompt_lookup,retrieval,retrieval_tree,anpd,draft,tree,dyspec] [--k 5] [--no-hf] \
@@ -309,7 +312,29 @@ def bench_spectr(prompts: list, args, target) -> dict:
     return {"length": L, "temperature": 1.0, "rows": rows}
 
 
+def hf_assistant(model, args):
+    """The draft of ``args.draft`` as an HF model for assisted generation
+    (``tests.model.hf_reference.hf_draft``; distilled drafts only), proposing ``args.k`` tokens
+    per round as tokax's ``draft`` method does. None when the draft cannot be converted."""
+    if not args.draft.startswith("distilled"):
+        log(f"HF assisted generation: only the distilled draft converts to an HF model, not {args.draft!r}")
+        return None
+    from tests.model.hf_reference import hf_draft
+    from tokax.decode.proposers.distilled import draft_meta, make_draft
+    from tokax.model.loaders.gguf import load_gemma3
+
+    cfg, params = load_gemma3("float32")
+    _, dparams = make_draft(cfg, params, args.draft)
+    path = args.draft.partition(":")[2] or None
+    draft = hf_draft(model, dparams, [int(i) for i in draft_meta(path)["layers"]])
+    draft.generation_config.num_assistant_tokens = args.k
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    return draft
+
+
 def bench_hf(sets: dict, args) -> dict:
+    """HF plain greedy, prompt lookup decoding and (``--hf-assisted``) assisted generation with the
+    distilled draft, each over HF's own plain greedy; ``*_identical`` counts outputs equal to it."""
     import torch
 
     from tests.model.hf_reference import load_hf
@@ -317,19 +342,26 @@ def bench_hf(sets: dict, args) -> dict:
     torch.set_num_threads(os.cpu_count())
     tok, model = load_hf()
     N = args.new_tokens
+    assistant = hf_assistant(model, args) if args.hf_assisted else None
 
     def gen(p, **kw):
         ids = tok(p, return_tensors="pt").input_ids
         with torch.no_grad():
-            return model.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, **kw)
+            return model.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, **kw)[0].tolist()
 
+    variants = {"prompt_lookup": {"prompt_lookup_num_tokens": args.k}}
+    if assistant is not None:
+        variants["assisted"] = {"assistant_model": assistant}
     res = {}
     for name, prompts in sets.items():
-        gen(prompts[0])
-        gen(prompts[0], prompt_lookup_num_tokens=args.k)  # warm-up
-        t_plain, _ = time_calls(gen, prompts)
-        t_pl, _ = time_calls(lambda p: gen(p, prompt_lookup_num_tokens=args.k), prompts)
-        res[name] = {"plain_seconds": t_plain, "prompt_lookup_seconds": t_pl, "prompt_lookup_speedup": t_plain / t_pl}
+        gen(prompts[0])  # warm-up
+        t_plain, ref = time_calls(gen, prompts)
+        res[name] = {"plain_seconds": t_plain}
+        for v, kw in variants.items():
+            gen(prompts[0], **kw)
+            t, outs = time_calls(lambda p: gen(p, **kw), prompts)  # noqa: B023
+            res[name].update({f"{v}_seconds": t, f"{v}_speedup": t_plain / t,
+                              f"{v}_identical": sum(o == r for o, r in zip(outs, ref))})
         log(f"[{name}] HF: {res[name]}")
     return res
 
@@ -346,6 +378,8 @@ def plot(tk: dict, hf: dict, methods: list, path: str, title: str) -> None:
     bars = [(m, [tk[s][m]["speedup"] for s in sets]) for m in methods]
     if hf:
         bars.append(("HF prompt lookup", [hf[s]["prompt_lookup_speedup"] if s in hf else np.nan for s in sets]))
+        if all("assisted_speedup" in hf.get(s, {}) for s in sets):
+            bars.append(("HF assisted (distilled draft)", [hf[s]["assisted_speedup"] for s in sets]))
     w = 0.8 / len(bars)
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (name, ys) in enumerate(bars):
@@ -414,6 +448,8 @@ def main():
                          "retrieval_tree/A-B-C sets its retrieval_branches")
     ap.add_argument("--sets", default="code,rewrite,prose")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--hf-assisted", action="store_true",
+                    help="also time HF assisted generation with the distilled draft converted to an HF model")
     ap.add_argument("--pad", choices=("prompt", "set"), default="prompt",
                     help="pad each prompt to its own power-of-two bucket (default) or all to the set's longest")
     ap.add_argument("--plot", default="", help="write a speedup bar chart (PNG) here")
@@ -458,7 +494,10 @@ def main():
             print(f"{s:<8} {m:<14} {r['speedup']:>8.2f} {r['mean_accepted_per_pass']:>9.2f} "
                   f"{r['tokens_per_pass']:>9.2f} {r['identical_to_plain']:>5}/{len(sets[s])}")
         if s in hf:
-            print(f"{s:<8} {'HF prompt lookup':<14} {hf[s]['prompt_lookup_speedup']:>8.2f}  (over HF plain greedy)")
+            for v, label in (("prompt_lookup", "HF prompt lookup"), ("assisted", "HF assisted (distilled draft)")):
+                if f"{v}_speedup" in hf[s]:
+                    print(f"{s:<8} {label:<14} {hf[s][f'{v}_speedup']:>8.2f}  (over HF plain greedy; "
+                          f"{hf[s][f'{v}_identical']}/{len(sets[s])} outputs equal to it)")
         best = max(args.methods, key=lambda m: rows[m]["speedup"]) if args.methods else None
         summary[s] = {
             "best_method": best,

@@ -75,3 +75,38 @@ def test_live_against_hf_transformers(gemma):
         assert rel <= 1e-3, rel
         assert np.argsort(-lg)[:5].tolist() == np.argsort(-r["logits"])[:5].tolist()
         assert out == r["greedy"].tolist()[: len(out)] and len(out) == len(r["greedy"])
+
+
+def test_distilled_draft_as_an_hf_assistant():
+    """The distilled draft converted for HF assisted generation (``hf_reference.hf_draft``) computes
+    the tokax draft's logits (full tied head), and HF assisted generation with it returns HF's
+    plain greedy tokens (the benchmark's ``--hf-assisted`` comparison)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import jax.numpy as jnp
+    import torch
+
+    from tests.model.hf_reference import PROMPTS, hf_draft, load_hf
+    from tokax.decode.proposers.distilled import draft_meta, make_draft
+    from tokax.model.decoder import forward_jit
+    from tokax.model.loaders.gguf import load_gemma3
+
+    cfg, params = load_gemma3("float32")
+    dcfg, dparams = make_draft(cfg, params, "distilled")
+    tok, hf = load_hf()
+    draft = hf_draft(hf, dparams, draft_meta()["layers"])
+    for p in PROMPTS[:3]:
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            got = draft(ids).logits[0].numpy()
+        want, _, _ = forward_jit(dcfg, dparams["decoder"], jnp.asarray(ids.numpy()), jnp.arange(ids.shape[1])[None])
+        want = np.asarray(want[0])
+        assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+    draft.generation_config.num_assistant_tokens = 5
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = hf.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        assisted = hf.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, assistant_model=draft)
+    assert assisted[0].tolist() == plain[0].tolist()
