@@ -312,7 +312,7 @@ def bench_spectr(prompts: list, args, target) -> dict:
     return {"length": L, "temperature": 1.0, "rows": rows}
 
 
-def hf_assistant(model, args):
+def hf_assistant(model, args, target):
     """The draft of ``args.draft`` as an HF model for assisted generation
     (``tests.model.hf_reference.hf_draft``; distilled drafts only), proposing ``args.k`` tokens
     per round as tokax's ``draft`` method does. None when the draft cannot be converted."""
@@ -321,9 +321,8 @@ def hf_assistant(model, args):
         return None
     from tests.model.hf_reference import hf_draft
     from tokax.decode.proposers.distilled import draft_meta, make_draft
-    from tokax.model.loaders.gguf import load_gemma3
 
-    cfg, params = load_gemma3("float32")
+    cfg, params, _ = target
     _, dparams = make_draft(cfg, params, args.draft)
     path = args.draft.partition(":")[2] or None
     draft = hf_draft(model, dparams, [int(i) for i in draft_meta(path)["layers"]])
@@ -332,7 +331,7 @@ def hf_assistant(model, args):
     return draft
 
 
-def bench_hf(sets: dict, args) -> dict:
+def bench_hf(sets: dict, args, target) -> dict:
     """HF plain greedy, prompt lookup decoding and (``--hf-assisted``) assisted generation with the
     distilled draft, each over HF's own plain greedy; ``*_identical`` counts outputs equal to it."""
     import torch
@@ -342,7 +341,7 @@ def bench_hf(sets: dict, args) -> dict:
     torch.set_num_threads(os.cpu_count())
     tok, model = load_hf()
     N = args.new_tokens
-    assistant = hf_assistant(model, args) if args.hf_assisted else None
+    assistant = hf_assistant(model, args, target) if args.hf_assisted else None
 
     def gen(p, **kw):
         ids = tok(p, return_tensors="pt").input_ids
@@ -482,7 +481,7 @@ def main():
     tk = bench_tokax(sets, args, target) if args.methods else {}
     sweep = bench_sweep(sets[args.sweep_set][: args.sweep_prompts], args, target) if args.sweep else None
     spectr = bench_spectr(sets[args.sweep_set][: args.spectr_prompts], args, target) if args.spectr else None
-    hf = {} if args.no_hf else bench_hf(sets, args)
+    hf = {} if args.no_hf else bench_hf(sets, args, target)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"\nGemma 3 270M float32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, "
           f"prompts padded per {args.pad}, {machine}")

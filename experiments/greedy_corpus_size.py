@@ -37,16 +37,16 @@ def main():
     import configs.speculative as spec_config
     from benchmarks.speculative import code_prompts
     from experiments.replay_drafts import greedy_refs
-    from tokax.decode.proposers.retrieval import RetrievalTreeProposer, _stdlib_docs, build_table, greedy_corpus_docs
+    from tokax.decode.proposers.retrieval import _stdlib_docs, build_table, greedy_corpus_docs
     from tokax.decode.replay import replay_greedy
+    from tokax.jobs.speculative import retrieval_tree_proposer
     from tokax.tokenize import load_gemma3_tokenizer
 
     c = spec_config.get_config("retrieval_tree")
     tok = load_gemma3_tokenizer()
     ids = [tok.encode(p, add_bos=True) for p in code_prompts(args.n_prompts)]
     refs = greedy_refs({"code": ids}, args.new_tokens, args.refs)["code"]
-    prop = RetrievalTreeProposer(branches=tuple(c.retrieval_branches), max_ngram=c.max_ngram, min_ngram=c.min_ngram,
-                                 min_conf=c.retrieval_min_conf, alt_min_conf=c.retrieval_alt_min_conf)
+    prop = retrieval_tree_proposer(c)
     stdlib, greedy = _stdlib_docs(tok), greedy_corpus_docs()
     out = {}
     for frac in (float(x) for x in args.fractions.split(",")):

@@ -70,11 +70,7 @@ def proposer_for(c, cfg, params):
     from tokax.jobs import speculative as job
 
     if c.method == "retrieval_tree":
-        from tokax.decode.proposers.retrieval import RetrievalTreeProposer
-
-        prop = RetrievalTreeProposer(branches=tuple(c.retrieval_branches), max_ngram=c.max_ngram,
-                                     min_ngram=c.min_ngram, min_conf=c.retrieval_min_conf,
-                                     alt_min_conf=c.retrieval_alt_min_conf)
+        prop = job.retrieval_tree_proposer(c)
         sizes = job.pass_sizes(c, prop.n_nodes) or prop.verify_sizes
         return prop, job.retrieval_table(c), sizes
     prop, pparams = job.build_proposer(c, cfg, params)

@@ -8,23 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from tests.decode.test_speculative import model_params
+from tests.decode.test_speculative import V, target  # noqa: F401  (the tiny target fixture)
 from tokax.decode import proposers as P
 from tokax.decode.proposers.blockwise import init_heads
 from tokax.decode.proposers.retrieval import RetrievalTreeProposer, build_table
 from tokax.decode.replay import estimated_speedup, replay_greedy, tree_path_length
 from tokax.decode.speculative import SpeculativeGenerator
 from tokax.decode.tree_speculative import TreeSpeculativeGenerator
-from tokax.model import config as mc
 
-V = 8
 N = 24  # new tokens per prompt
-
-
-@pytest.fixture(scope="module")
-def target():
-    cfg = mc.tiny(vocab_size=V)
-    return cfg, model_params(cfg, seed=21)
 
 
 def table():

@@ -132,6 +132,14 @@ def build_proposer(c, cfg, params):
     return prop, {"model": dparams, "head": head}
 
 
+def retrieval_tree_proposer(c):
+    """The ``RetrievalTreeProposer`` of config ``c`` (its params: ``retrieval_table(c)``)."""
+    from tokax.decode.proposers.retrieval import RetrievalTreeProposer
+
+    return RetrievalTreeProposer(branches=tuple(c.retrieval_branches), max_ngram=c.max_ngram, min_ngram=c.min_ngram,
+                                 min_conf=c.retrieval_min_conf, alt_min_conf=c.retrieval_alt_min_conf)
+
+
 def retrieval_table(c):
     """The n-gram datastore of ``c.retrieval_corpus`` (``tokax.decode.proposers.retrieval``),
     built once per process for each (corpus, retrieval_ngram, retrieval_min_count, retrieval_greedy_weight)."""
@@ -172,11 +180,7 @@ def make_generator(c, cfg, params, tok=None, **kw):
         from tokax.decode.tree_speculative import TreeSpeculativeGenerator
 
         if c.method == "retrieval_tree":
-            from tokax.decode.proposers.retrieval import RetrievalTreeProposer
-
-            prop = RetrievalTreeProposer(branches=tuple(c.retrieval_branches), max_ngram=c.max_ngram,
-                                         min_ngram=c.min_ngram, min_conf=c.retrieval_min_conf,
-                                         alt_min_conf=c.retrieval_alt_min_conf)
+            prop = retrieval_tree_proposer(c)
             kw.setdefault("verify_sizes", pass_sizes(c, prop.n_nodes))  # None: the proposer's own
             return TreeSpeculativeGenerator(cfg, params, prop, retrieval_table(c), tok, **kw)
         heads = P.load_params(heads_path(c.blockwise_heads)) if c.method == "medusa" else None
