@@ -12,6 +12,7 @@ output's ``text`` holds only the continuation.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 MODES = ("byte", "naive", "token_healing")
 
@@ -29,4 +30,5 @@ def get_config(arg=None):
     c.stop_at_newline = False  # end each completion after its first newline
     c.renormalize = True  # byte mode: renormalize over valid tokens at every step (False: the paper's masking)
     c.json = False  # one JSON object per prompt per line: prompt, mode, text, stats
+    c.progress = config_dict.placeholder(bool)  # None: a progress bar on stderr when it is a terminal
     return c

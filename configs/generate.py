@@ -6,6 +6,7 @@
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg=None):
@@ -25,4 +26,5 @@ def get_config(arg=None):
     c.seed = 0
     c.batch_size = 8  # prompts per compiled batch
     c.json = False  # one JSON object per prompt per line: prompt, token_ids, text
+    c.progress = config_dict.placeholder(bool)  # None: a progress bar on stderr when it is a terminal
     return c

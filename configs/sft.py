@@ -12,6 +12,7 @@ attention projections and Gemma's tokenizer.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from tokax.train.sharding import DEFAULT_RULES
 
@@ -83,7 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.async_checkpoint = True
     c.tensorboard = True
-    c.progress = True
+    c.progress = config_dict.placeholder(bool)  # None: a progress bar on stderr when it is a terminal
+    # A rerun into a workdir resumes it only under the same config (workdir/config.json); True
+    # continues after a change anyway (the differences are printed, the old config kept).
+    c.allow_config_change = False
     return c
 
 

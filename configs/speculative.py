@@ -21,6 +21,7 @@ blockwise heads' top-k tree). All are lossless.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 METHODS = ("draft", "prompt_lookup", "retrieval", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise",
            "tree", "dyspec", "spectr", "token_recycling", "medusa", "retrieval_tree")
@@ -40,6 +41,7 @@ def get_config(arg=None):
     c.seed = 0
     c.batch_size = 1  # prompts per compiled batch (speculation pays most at batch 1)
     c.json = False  # one JSON object per prompt per line: prompt, token_ids, text, stats
+    c.progress = config_dict.placeholder(bool)  # None: a progress bar on stderr when it is a terminal
     # Greedy rounds verify through a bfloat16 screen of the unembedding with certified error
     # bounds (tokax.model.screen): the same tokens as the float32 argmax, about half the cost of
     # a multi-position unembedding on CPU; 335 MB more memory; float32 only (ignored for bfloat16).

@@ -376,3 +376,25 @@ def test_job_writes_only_the_continuation(tmp_path):
             assert not r["text"].startswith(r["prompt"][:5])
         if mode == "byte":
             assert rows[1]["text"].startswith("lo")  # print('hel -> print('hello
+
+
+@pytest.mark.slow
+def test_job_keeps_the_bytes_of_a_continuation_cut_inside_a_character(tmp_path):
+    """A byte-mode continuation that ends inside a UTF-8 character keeps its bytes (``bytes_hex``)
+    beside the replacement-character ``text``; a prompt may itself end inside a character
+    (``{"hex": ...}``)."""
+    import json
+
+    from tokax.jobs.byte_sample import run
+
+    inside = "Un café, deux cafés, trois caf".encode() + b"\xc3"  # the prompt ends inside 'é'
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps(["Un café, deux cafés, trois caf", {"hex": inside.hex()}]))
+    c = _config("byte")
+    c.prompts_file, c.max_new_bytes, c.json = str(f), 1, True
+    first, second = run(c)
+    assert first["prompt"] == "Un café, deux cafés, trois caf" and second["prompt"] == {"hex": inside.hex()}
+    lead, cont = bytes.fromhex(first["bytes_hex"]), bytes.fromhex(second["bytes_hex"])
+    assert lead == b"\xc3" and first["text"] == "\ufffd"  # 'é' begun, not finished: the byte is kept
+    assert cont == b"\xa9" and second["text"] == "\ufffd"  # and finished after the cut prompt
+    assert (lead + cont).decode() == "é"

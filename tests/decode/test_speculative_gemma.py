@@ -10,8 +10,6 @@ import pytest
 
 import configs.speculative as spec_config
 from tokax.decode.generate import Generator
-from tokax.decode.proposers import save_params
-from tokax.decode.proposers.blockwise import init_heads
 from tokax.jobs.speculative import METHODS, make_generator, run
 
 PROMPTS = [
@@ -31,19 +29,23 @@ def gemma():
     return cfg, params, tok, Generator(cfg, params, tok).generate(PROMPTS, N_NEW)
 
 
+def test_every_config_method_name_is_run_here():
+    """configs/tree.py and its presets name methods of configs/speculative.py, run below."""
+    import configs.tree as tree_config
+
+    assert set(tree_config.METHODS) <= set(spec_config.METHODS) == set(METHODS)
+    for preset in ("dyspec", "spectr", "token_recycling"):
+        mod = __import__(f"configs.{preset}", fromlist=["get_config"])
+        assert mod.get_config().method == preset and mod.get_config().job == "speculative"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_gemma_greedy_lossless(gemma, method, tmp_path):
-    """Chain and tree methods, each with its config's defaults (the shipped distilled draft for
-    the draft-model methods) but small rounds and trees to keep CI time down."""
+def test_gemma_greedy_lossless(gemma, method):
+    """Chain and tree methods, each with its config's defaults as a user gets them (the shipped
+    distilled draft, heads, adapter and acceptance head; k = 5, the default trees)."""
     cfg, params, tok, ref = gemma
     c = spec_config.get_config(method)
-    c.k = 4 if method in ("prompt_lookup", "retrieval", "anpd", "draft") else 2
-    c.branching, c.table_k, c.n_nodes, c.rounds, c.max_children = (2, 2, 1), 2, 6, 3, 2
-    c.spectr_k, c.spectr_length, c.medusa_topk = 2, 3, (2, 2)
-    if method == "medusa":  # untrained (copy-next) heads: the loop, not the heads, is under test
-        save_params(str(tmp_path / "heads.npz"), init_heads(cfg.d_model, 2))
-        c.blockwise_heads = str(tmp_path / "heads.npz")
     gen = make_generator(c, cfg, params, tok)
     assert gen.screen is not None  # greedy verification goes through the bf16 screen (configs' default)
     outs, stats = gen.generate(PROMPTS, N_NEW)

@@ -8,24 +8,11 @@ slows each step down so that the parent can kill the run mid-way.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
 
-
-def load_config(path: str, overrides: dict):
-    spec = importlib.util.spec_from_file_location("_cfg", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    for key, val in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = tuple(val) if isinstance(val, list) else val
-    return c
+from tokax.testing import load_config
 
 
 if __name__ == "__main__":

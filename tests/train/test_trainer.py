@@ -33,8 +33,7 @@ from tokax.train.trainer import (
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-from run_worker import load_config  # noqa: E402
+from tokax.testing import load_config  # noqa: E402
 
 SMALL = {  # a run that compiles and steps in seconds on CPU
     "data.tokenizer": "bytes",
@@ -185,7 +184,7 @@ def test_nan_loss_run_logs_skips_then_stops(tmp_path, capsys):
         run(cfg)
     rows = read_metrics(tmp_path / "skip")
     assert [r["skipped"] for r in rows] == [1.0, 1.0, 1.0] and rows[0]["loss"] is None
-    assert capsys.readouterr().out.count("update skipped (params unchanged)") == 3
+    assert capsys.readouterr().err.count("update skipped (params unchanged)") == 3
 
 
 @pytest.mark.slow

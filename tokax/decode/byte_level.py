@@ -81,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokax.errors import ContextTooLong
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params, forward, unembed
@@ -430,7 +431,7 @@ class TokenTrie:
             return
         need = _bucket(len(self.prefix) + extra + self.reserve, 64)
         if len(self.prefix) + extra > self.cfg.max_seq_len:
-            raise ValueError(
+            raise ContextTooLong(
                 f"byte-level context of {len(self.prefix) + extra} tokens exceeds the model's "
                 f"max_seq_len={self.cfg.max_seq_len}; shorten the prompt or max_new_bytes"
             )

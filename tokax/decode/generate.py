@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from tokax.errors import ContextTooLong
 from tokax.decode.sampling import SamplingParams, sample
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
@@ -212,7 +213,7 @@ class Generator:
         N = bucket(int(budgets.max()), minimum=16)
         total = prompt.shape[1] + N
         if total > self.cfg.max_seq_len:
-            raise ValueError(
+            raise ContextTooLong(
                 f"prompt bucket {prompt.shape[1]} + max_new_tokens bucket {N} = {total} exceeds the "
                 f"model's max_seq_len={self.cfg.max_seq_len}; shorten the prompts or max_new_tokens"
             )

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from tokax.errors import ContextTooLong
 from tokax.decode.generate import Generator, bucket, pad_prompts
 from tokax.decode.proposers import Context
 from tokax.decode.sampling import SamplingParams
@@ -348,7 +349,7 @@ class SpeculativeGenerator:
         slots, what = self._slots(prompt.shape[1], N)
         limit = min(self.cfg.max_seq_len, getattr(getattr(self.proposer, "cfg", None), "max_seq_len", slots))
         if slots > limit:
-            raise ValueError(
+            raise ContextTooLong(
                 f"prompt bucket {prompt.shape[1]} + max_new_tokens bucket {N} + {what} = {slots} exceeds "
                 f"max_seq_len={limit}; shorten the prompts or max_new_tokens"
             )

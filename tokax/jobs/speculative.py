@@ -1,6 +1,8 @@
 """Job: speculative decoding of a prompts file with Gemma 3 270M as the
-target (``configs/speculative.py``); prints text, or one JSON line per prompt
-(``prompt``, ``token_ids``, ``text``, ``stats``) when ``json`` is set."""
+target (``configs/speculative.py`` and its presets ``configs/tree.py``,
+``dyspec.py``, ``spectr.py``, ``token_recycling.py``); prints text, or one JSON
+line per prompt (``prompt``, ``token_ids``, ``text``, ``stats``) when ``json``
+is set; status lines and the progress bar go to stderr."""
 
 from __future__ import annotations
 
@@ -10,17 +12,17 @@ import os
 import sys
 import time
 
-from tokax.jobs import check, check_decoding, load_prompts
+from tokax.jobs import check, check_context, check_decoding, load_prompts
 
 CHAIN_METHODS = ("draft", "prompt_lookup", "retrieval", "anpd", "kangaroo", "specdec_pp", "lookahead", "blockwise")
 # Token-tree methods run by the tree loop: name here -> name in tree_proposers.make_tree_proposer.
-TREE_METHODS = {"tree": "draft_tree", "dyspec": "dyspec", "spectr": "spectr", "token_recycling": "token_recycling",
+TREE_METHODS = {"tree": "tree", "dyspec": "dyspec", "spectr": "spectr", "token_recycling": "token_recycling",
                 "medusa": "medusa", "retrieval_tree": None}  # None: built here (it needs the datastore)
 METHODS = CHAIN_METHODS + tuple(TREE_METHODS)
 
 
 def check_tree_keys(c) -> None:
-    """The tree-shape keys shared by configs/speculative.py and configs/tree.py."""
+    """The tree-shape keys of configs/speculative.py (and its tree presets)."""
     check(len(c.branching) >= 1 and all(b >= 1 for b in c.branching), "branching", c.branching,
           "needs >= 1 children per depth")
     check(c.table_k >= max(c.branching), "table_k", c.table_k, f"must be >= max(branching)={max(c.branching)}")
@@ -46,6 +48,10 @@ def validate(c) -> None:
 
     check(c.retrieval_corpus in CORPORA or os.path.isdir(c.retrieval_corpus), "retrieval_corpus",
           c.retrieval_corpus, f"use one of {', '.join(CORPORA)} or a directory of .py/.txt/.md files")
+    if c.retrieval_corpus not in CORPORA and c.method in ("retrieval", "retrieval_tree"):
+        check(_has_corpus_files(c.retrieval_corpus), "retrieval_corpus", c.retrieval_corpus,
+              "the directory holds no .py/.txt/.md files (searched recursively); point it at some text")
+    check_draft(c)
     check(c.get("verify_sizes", "pow2") in VERIFY_SIZES, "verify_sizes", c.get("verify_sizes"),
           f"use one of {', '.join(VERIFY_SIZES)}")
     check(c.retrieval_greedy_weight >= 1, "retrieval_greedy_weight", c.retrieval_greedy_weight, "must be >= 1")
@@ -62,6 +68,22 @@ def validate(c) -> None:
               "needs one top-k >= 1 per head")
         check(c.method != "medusa" or bool(c.blockwise_heads), "blockwise_heads", c.blockwise_heads,
               "method medusa needs trained heads (.npz from experiments/train_gemma_heads.py)")
+
+
+def _has_corpus_files(path: str) -> bool:
+    return any(fn.endswith((".py", ".txt", ".md")) for _, _, files in os.walk(path) for fn in files)
+
+
+def check_draft(c) -> None:
+    """``draft``: 'distilled' (shipped), 'distilled:DIR' (an export with meta.json) or 'truncated'."""
+    from tokax.decode.proposers.distilled import META
+
+    fix = "use 'distilled' (the draft shipped with tokax), 'distilled:DIR' or 'truncated'"
+    check(c.draft in ("distilled", "truncated") or c.draft.startswith("distilled:"), "draft", c.draft, fix)
+    if c.draft.startswith("distilled:"):
+        d = c.draft.partition(":")[2]
+        check(os.path.isfile(os.path.join(d, META)), "draft", c.draft,
+              f"{d!r} holds no {META}; give a directory written by experiments/distill_gemma_draft.py")
 
 
 # Keys that name trained weights: 'trained' is the copy shipped in tokax/assets/<dir>/<file>
@@ -108,7 +130,9 @@ def build_proposer(c, cfg, params):
         from tokax.decode.proposers import blockwise
 
         heads = P.load_params(heads_path(c.blockwise_heads)) if c.blockwise_heads else blockwise.init_heads(cfg.d_model, c.k)
-        return P.BlockwiseProposer(k=c.k, sample_drafts=c.blockwise_sample_drafts), heads
+        # k is the most tokens a round drafts: a heads file with fewer heads drafts fewer
+        k = min(c.k, int(heads["w"].shape[0]))
+        return P.BlockwiseProposer(k=k, sample_drafts=c.blockwise_sample_drafts), heads
     if c.method == "kangaroo":
         check(1 <= c.kangaroo_layers < cfg.n_layers, "kangaroo_layers", c.kangaroo_layers,
               f"must be in [1, {cfg.n_layers - 1}]")
@@ -204,27 +228,31 @@ def run(c) -> list[dict]:
 
 
 def decode_prompts(c, make_generator) -> list[dict]:
-    """The shared body of the speculative and tree jobs: load Gemma, build the generator
-    with ``make_generator(cfg, params, tokenizer)``, decode ``c.prompts_file`` in batches,
-    print text (or JSON lines with ``stats``) and a summary."""
+    """Load Gemma, build the generator with ``make_generator(cfg, params, tokenizer)``, decode
+    ``c.prompts_file`` in batches, print text (or JSON lines with ``stats``) and a summary."""
     from tqdm.auto import tqdm
 
+    from tokax.console import emphasize, note, progress_disabled
     from tokax.decode.sampling import SamplingParams
+    from tokax.model.config import gemma3_270m
     from tokax.model.loaders.gguf import load_gemma3
     from tokax.tokenize import load_gemma3_tokenizer
 
     prompts = load_prompts(c.prompts_file)
     sp = SamplingParams.make(c.temperature, c.top_k, c.top_p, c.min_p)
-    quiet = c.json
+    quiet = c.json  # results as JSON lines on stdout; status lines and bars still go to stderr
+    disable = progress_disabled(c.get("progress", None))
     t0 = time.perf_counter()
-    cfg, params = load_gemma3(c.dtype, progress=not quiet)
     tok = load_gemma3_tokenizer()
+    lengths = [len(tok.encode(p, add_bos=True)) for p in prompts]
+    check_context(c, lengths, gemma3_270m().max_seq_len)
+    cfg, params = load_gemma3(c.dtype, progress=c.get("progress", None))
     gen = make_generator(cfg, params, tok)
-    if not quiet:
-        print(f"loaded {cfg.name} ({c.dtype}) in {time.perf_counter() - t0:.1f}s; method {c.method}", file=sys.stderr)
+    note("tokax.speculative", f"loaded {cfg.name} ({c.dtype}) in {time.perf_counter() - t0:.1f}s; method "
+         f"{c.method}; {len(prompts)} prompt(s), longest {max(lengths)} tokens")
     rows, t_gen, n_tok, passes, accepted = [], 0.0, 0, 0, 0
     batches = [prompts[i : i + c.batch_size] for i in range(0, len(prompts), c.batch_size)]
-    for bi, batch in enumerate(tqdm(batches, desc=c.method, unit="batch", disable=quiet)):
+    for bi, batch in enumerate(tqdm(batches, desc=c.method, unit="batch", disable=disable)):
         t = time.perf_counter()
         outs, stats = gen.generate(batch, c.max_new_tokens, sp, seed=c.seed + bi)
         t_gen += time.perf_counter() - t
@@ -237,13 +265,10 @@ def decode_prompts(c, make_generator) -> list[dict]:
             if quiet:
                 print(json.dumps(row, ensure_ascii=False), flush=True)
             else:
-                tqdm.write(f"\n--- prompt: {p!r}\n{p}\033[1m{row['text']}\033[0m\n{st}")
-    if not quiet:
-        print(
-            f"\n{c.method}: {n_tok} tokens in {t_gen:.2f}s ({n_tok / max(t_gen, 1e-9):.1f} tokens/s, compile "
-            f"included), {accepted / max(passes, 1):.2f} accepted drafts per target pass",
-            file=sys.stderr,
-        )
+                tqdm.write(f"\n--- prompt: {p!r}\n{p}{emphasize(row['text'])}\n{st}", file=sys.stdout)
+    note("tokax.speculative",
+         f"{c.method}: {n_tok} tokens in {t_gen:.2f}s ({n_tok / max(t_gen, 1e-9):.1f} tokens/s, compile "
+         f"included), {accepted / max(passes, 1):.2f} accepted drafts per target pass")
     return rows
 
 

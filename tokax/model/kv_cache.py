@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from tokax.errors import ContextTooLong
 from tokax.model.config import ModelConfig
 
 
@@ -40,7 +41,7 @@ class KVCache:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for ``batch`` rows of ``max_len`` slots."""
     if max_len > cfg.max_seq_len:
-        raise ValueError(
+        raise ContextTooLong(
             f"cache max_len={max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}; "
             "shorten the prompt or max_new_tokens"
         )

@@ -181,6 +181,8 @@ class Tokenizer:
         """`encode` for each text; the BPE runs in one sentencepiece call."""
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a sequence of strings, not a string")
+        for i, t in enumerate(texts):
+            _check_text(t, i)
         parts = [self._split(t, parse_special) for t in texts]
         plain = [p for ps in parts for p in ps if isinstance(p, str)]
         encoded = iter(self._sp.encode(plain) if plain else [])
@@ -231,6 +233,19 @@ class Tokenizer:
     def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
         """`decode` for each id sequence."""
         return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+
+def _check_text(text: str, index: int) -> None:
+    """A clear error for what sentencepiece would reject with a confusing one: a non-string, or
+    a string holding a lone surrogate (Python can build one, e.g. from JSON's "\\ud800"; it is
+    not text and has no UTF-8 bytes)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text {index} is {type(text).__name__}, not str")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text {index} holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start}; "
+                         "it is not valid Unicode text and has no UTF-8 encoding") from e
 
 
 def _bytes_to_text(run: bytearray) -> str:

@@ -26,9 +26,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "abstract_state", "restore_params"]
+from tokax.errors import InputError
+
+__all__ = ["Checkpointer", "CheckpointError", "abstract_state", "restore_params"]
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(InputError):
+    """No checkpoint of a workdir can be restored onto the run's state."""
 
 
 def abstract_state(state_shapes: Any, shardings: Any) -> Any:
@@ -85,11 +91,51 @@ class Checkpointer:
         return out.state, dict(out.meta)
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
-        step = self.latest_step() if step is None else int(step)
+        """The JSON ``meta`` at ``step``; by default the newest step whose meta is readable."""
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            for s in sorted(self.all_steps(), reverse=True):
+                try:
+                    return self.restore_meta(s)
+                except Exception:  # noqa: BLE001 - an unreadable step: try the one before
+                    continue
+            raise FileNotFoundError(f"no readable checkpoint in {self.directory}")
+        out = self._mgr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out.meta)
+
+    def restore_intact(self, target: Any) -> tuple[Any, dict[str, Any], list[tuple[int, str]]]:
+        """``restore`` of the newest step that restores, newest first: ``(state, meta, bad)``
+        with ``bad`` the newer steps that failed and why. When no step restores, the error names
+        each step's failure (a config whose state no longer fits the checkpoints fails them all;
+        nothing is moved then)."""
+        bad: list[tuple[int, str]] = []
+        _drop_failed_read_noise()
+        for s in sorted(self.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(target, s)
+            except Exception as e:  # noqa: BLE001 - corrupted files raise many kinds of errors
+                bad.append((s, f"{type(e).__name__}: {_first_sentence(str(e))}"))
+                continue
+            return state, meta, bad
+        why = "; ".join(f"step {s}: {w}" for s, w in bad)
+        raise CheckpointError(f"no checkpoint in {self.directory} restores onto this run's state ({why}); "
+                              "if the model or optimizer changed, pass another --config.workdir")
+
+    def set_aside(self, steps: list[int], dest: str) -> list[str]:
+        """Move the directories of ``steps`` out of the manager's directory into ``dest`` (kept for
+        inspection, never deleted) and re-read the remaining steps; returns the new paths."""
+        import shutil
+        import time
+
+        self._mgr.wait_until_finished()
+        os.makedirs(dest, exist_ok=True)
+        moved = []
+        for s in steps:
+            src = os.path.join(self.directory, str(s))
+            to = os.path.join(dest, f"{s}.{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(src, to)
+            moved.append(to)
+        self._mgr.reload()
+        return moved
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()
@@ -97,6 +143,37 @@ class Checkpointer:
     def close(self) -> None:
         self._mgr.wait_until_finished()
         self._mgr.close()
+
+
+def _first_sentence(msg: str, limit: int = 240) -> str:
+    line = msg.splitlines()[0] if msg else ""
+    cut = line.find(". ")
+    line = line[: cut + 1] if cut > 0 else line
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _drop_failed_read_noise() -> None:
+    """When a restore fails, tensorstore's pending reads keep calling back into orbax's closed
+    asyncio loop, and orbax's read coroutines are dropped unfinished: Python prints each as an
+    "unraisable" exception, dozens of tracebacks that bury the one real error. Drop exactly
+    those (``RuntimeError('Event loop is closed')``, and exceptions of orbax's own coroutines);
+    every other unraisable exception still reaches the previous hook."""
+    import sys
+
+    old = sys.unraisablehook
+    if getattr(old, "_tokax_read_noise_filter", False):
+        return
+
+    def hook(arg):
+        if isinstance(arg.exc_value, RuntimeError) and str(arg.exc_value) == "Event loop is closed":
+            return
+        code = getattr(arg.object, "cr_code", None)
+        if code is not None and "orbax" in code.co_filename:
+            return
+        old(arg)
+
+    hook._tokax_read_noise_filter = True
+    sys.unraisablehook = hook
 
 
 def _as_abstract(x: Any) -> Any:

@@ -42,6 +42,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tokax.errors import InputError
+
 __all__ = [
     "TokenizerLike",
     "ByteTokenizer",
@@ -76,8 +78,12 @@ class TokenizerLike(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
-class BadExampleError(ValueError):
+class BadExampleError(InputError):
     """A training example that cannot be turned into a valid batch row."""
+
+
+class DataFileError(InputError):
+    """A data file that is missing or malformed; the message names the file and line."""
 
 
 # ----------------------------------------------------------------------------
@@ -752,8 +758,28 @@ def write_jsonl(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]])
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+    """The JSON objects of a JSONL file, one per non-blank line; a missing file, a line that is
+    not JSON or not an object raises ``DataFileError`` naming the file and line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataFileError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFileError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line)") from e
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFileError(f"{path}:{n}: not a JSON object ({e.msg} at column {e.colno})") from e
+            if not isinstance(row, dict):
+                raise DataFileError(f"{path}:{n}: a JSON {type(row).__name__}, not an object")
+            rows.append(row)
+    return rows
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -284,7 +285,7 @@ def run(c, head_fn: HeadFn = apply_heads, init_fn: Callable[[int, int, jax.Array
         kv["t"] = round(time.time() - t0, 1)
         line = json.dumps(kv)
         log.info(line)
-        print(line, flush=True)
+        print(line, file=sys.stderr, flush=True)  # progress lines; the summary is the result
         if out:
             out.write(line + "\n")
             out.flush()

@@ -41,12 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tokax.console import note, progress_disabled
 from tokax.model import lora as lora_lib
 from tokax.model.config import PRESETS, ModelConfig
 from tokax.model.decoder import forward, init_params
 from tokax.train import data as data_lib
 from tokax.train import sharding as shd
 from tokax.train.checkpoint import Checkpointer, abstract_state, restore_params
+from tokax.train.workdir import WorkdirError, WorkdirLock, check_checkpoint_meta, check_config, save_config
 from tokax.train.logprobs import sequence_logprobs, token_kl, token_logprobs
 from tokax.train.losses import (
     LOSS_INFO,
@@ -745,11 +747,23 @@ def run(config: Any, *, on_step: Callable[[int, dict[str, float]], None] | None 
 
     ``on_step(step, metrics)`` is called after every logged step (notebooks, tests).
     """
-    t_start = time.time()
     if _get(config, "job", "train") != "train":
         raise ValueError(f"trainer.run got config.job={_get(config, 'job')!r}; it runs job='train'")
     workdir = os.path.abspath(os.path.expanduser(str(config.workdir)))
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"workdir {workdir} is a file; pass a directory as --config.workdir")
     os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir)  # one run per workdir: a second one stops here
+    try:
+        allow = bool(_get(config, "allow_config_change", False))
+        check_config(workdir, config, allow, log=lambda m: note("tokax.train", m))
+        return _run(config, workdir, on_step)
+    finally:
+        lock.release()
+
+
+def _run(config: Any, workdir: str, on_step) -> dict[str, float]:
+    t_start = time.time()
     total_steps = int(config.total_steps)
     seed = int(_get(config, "seed", 0))
     loss_name = str(config.loss)
@@ -840,18 +854,27 @@ def run(config: Any, *, on_step: Callable[[int, dict[str, float]], None] | None 
     logger = MetricsLogger(workdir, tensorboard=bool(_get(config, "tensorboard", True)))
     data_state, start, resumed = None, 0, None
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(abstract_state(state_shapes, state_sh))
+        allow = bool(_get(config, "allow_config_change", False))
+        # (also for workdirs from before config.json: the checkpoint records loss, model and LoRA)
+        check_checkpoint_meta(ckpt.restore_meta(), loss_name, dataclasses.asdict(cfg), spec.lora_alpha,
+                              ckpt.directory, allow)
+        state, meta, bad = ckpt.restore_intact(abstract_state(state_shapes, state_sh))
         data_state, start, resumed = meta["data"], int(meta["step"]), int(meta["step"])
+        if bad:
+            moved = ckpt.set_aside([b for b, _ in bad], os.path.join(workdir, "corrupt_checkpoints"))
+            for (b, why), dest in zip(bad, moved):
+                note("tokax.train", f"warning: checkpoint step {b} is unreadable ({why}); moved to {dest}")
+            note("tokax.train", f"warning: fell back to the newest intact checkpoint, step {start}")
         logger.truncate_after(start)
-        log.info("resumed from %s at step %d", ckpt.directory, start)
-        print(f"[tokax.train] resumed from step {start} ({ckpt.directory})", flush=True)
+        note("tokax.train", f"resumed from step {start} ({ckpt.directory})")
     else:
         state = jax.jit(lambda p: init_train_state(spec, p, tx), out_shardings=state_sh)(trainable)
     del trainable
+    save_config(workdir, config, log=lambda m: note("tokax.train", m))  # the run has its state: record its config
 
     train_it, skipped = _build_data(config, tok, info.kind, workdir, data_state, "train")
     if skipped:
-        print(f"[tokax.train] skipped {len(skipped)} bad training example(s); first: {skipped[0]}", flush=True)
+        note("tokax.train", f"skipped {len(skipped)} bad training example(s); first: {skipped[0]}")
     first = next(train_it)
     batch_sh = shd.batch_shardings(first, mesh, rules)
     step_fn = make_train_step(spec, tx, schedule, mesh, rules, state_sh, frozen_sh, batch_sh)
@@ -885,7 +908,7 @@ def run(config: Any, *, on_step: Callable[[int, dict[str, float]], None] | None 
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=start, disable=not bool(_get(config, "progress", True)),
+    bar = tqdm(total=total_steps, initial=start, disable=progress_disabled(_get(config, "progress", None)),
                desc=f"train {loss_name}", dynamic_ncols=True)
     last: dict[str, float] = {}
     t_last, tok_since, bad_run = time.time(), 0, 0
@@ -920,8 +943,7 @@ def run(config: Any, *, on_step: Callable[[int, dict[str, float]], None] | None 
                 if m["skipped"]:
                     bad_run += 1
                     msg = f"step {step}: non-finite loss/metrics/gradient; update skipped (params unchanged)"
-                    log.warning(msg)
-                    print(f"[tokax.train] {msg}", flush=True)
+                    note("tokax.train", msg)
                     if nonfinite == "error":
                         assert_finite(m["loss"], {k: v for k, v in m.items() if k != "tokens_per_s"}, step=step)
                         raise FloatingPointError(f"{msg}; gradient norm {m['grad_norm']}")

@@ -557,7 +557,7 @@ class MedusaTreeProposer:
                            ready=st.ready | live)
 
 
-TREE_METHODS = ("draft_tree", "dyspec", "token_recycling", "spectr", "medusa")
+TREE_METHODS = ("tree", "dyspec", "token_recycling", "spectr", "medusa")
 
 
 def make_tree_proposer(method: str, target_cfg: ModelConfig, target_params: Any, *, draft: str = "truncated",
@@ -583,7 +583,7 @@ def make_tree_proposer(method: str, target_cfg: ModelConfig, target_params: Any,
         return TokenRecyclingProposer(target_cfg.vocab_size, k=table_k,
                                       parents=template_from_branching(branching)), None
     dcfg, dparams = make_draft(target_cfg, target_params, draft, draft_layers)
-    if method == "draft_tree":
+    if method == "tree":
         return DraftTreeProposer.from_branching(dcfg, branching), dparams
     if method == "dyspec":
         return DySpecProposer(dcfg, n_nodes=n_nodes, rounds=rounds, max_children=max_children), dparams

@@ -73,13 +73,14 @@ def read_gguf_config(path: str | Path, dtype: str = "float32"):
     )
 
 
-def load_gguf_params(path: str | Path, cfg, progress: bool = False) -> dict:
+def load_gguf_params(path: str | Path, cfg, progress: bool | None = False) -> dict:
     """Dequantize every tensor of a Gemma 3 GGUF file into a tokax param tree.
 
     Norm weights: llama.cpp's converter stores Gemma's RMSNorm weight as
     ``1 + w`` (the scale actually applied); tokax's ``rms_norm`` applies
     ``1 + w`` itself, so we subtract 1 here. The reference-logit test against
     HF transformers (tests/model/test_reference_logits.py) is what pins this.
+    ``progress``: a bar on stderr (True), none (False), or one only on a terminal (None).
     """
     import gguf
     import numpy as np
@@ -90,10 +91,10 @@ def load_gguf_params(path: str | Path, cfg, progress: bool = False) -> dict:
     params: dict = {f"layer_{i}": {} for i in range(cfg.n_layers)}
     seen = set()
     tensors = r.tensors
-    if progress:
+    if progress is not False:
         from tqdm.auto import tqdm
 
-        tensors = tqdm(tensors, desc="dequantize GGUF", unit="tensor")
+        tensors = tqdm(tensors, desc="dequantize GGUF", unit="tensor", disable=None if progress is None else False)
     for t in tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np_dtype)
         name = t.name
@@ -169,7 +170,7 @@ def _flatten(tree: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
-def load_gemma3(dtype: str = "float32", progress: bool = False, cache_dir=None, use_cache: bool = True):
+def load_gemma3(dtype: str = "float32", progress: bool | None = False, cache_dir=None, use_cache: bool = True):
     """(cfg, params) for Gemma 3 270M from its PyPI package, params as jax arrays
     of ``dtype`` (float32 or bfloat16).
 
