@@ -7,11 +7,19 @@ and batch 8, in one process on one machine. Where `llama-cpp-python` is
 installed, its tokens/s on the same (quantized) GGUF is added as the CPU tool
 a user would otherwise pick.
 
-    python benchmarks/decode_speed.py [--json] [--new-tokens 128] [--batch8]
+    python benchmarks/decode_speed.py [--json] [--new-tokens 128] [--n-prompts 8] [--no-batch8] [--no-hf]
+    python benchmarks/decode_speed.py --smoke --json   # smallest run: --tiny, 1 prompt, 4 tokens, batch 1
 
 Prints a table, the bandwidth floor (weight bytes read per token / measured
 memory bandwidth) and, with --json, a last line
 {"tokax_tok_s", "hf_tok_s", "ratio", ...} for batch 1.
+
+``--tiny`` runs both sides on a random Gemma 3 of the same structure and
+vocabulary, 64 wide and 2 layers deep (``benchmarks/tiny_gemma.py``, the same
+weights on both sides): it shows that both sides run, in seconds; its numbers
+are not the benchmark's. When a side fails (tokax, HF transformers, or
+llama.cpp where it is installed), one line on stderr names it and the error,
+no table is printed, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -51,13 +59,23 @@ def measure_bandwidth(mb: int = 512, reps: int = 5) -> float:
     return 2 * a.nbytes / best
 
 
-def bench_tokax(prompt_ids, batch: int, new_tokens: int, reps: int):
+def tokax_model(tiny: bool):
+    if tiny:
+        import tiny_gemma
+
+        cfg = tiny_gemma.tiny_config()
+        return cfg, tiny_gemma.tiny_params(cfg)
+    from tokax.model.loaders.gguf import load_gemma3
+
+    return load_gemma3("float32")
+
+
+def bench_tokax(prompt_ids, batch: int, new_tokens: int, reps: int, tiny: bool = False):
     import jax
 
     from tokax.decode.generate import Generator, bucket
-    from tokax.model.loaders.gguf import load_gemma3
 
-    cfg, params = load_gemma3("float32")
+    cfg, params = tokax_model(tiny)
     gen = Generator(cfg, params, eos_ids=(), pad_id=0)  # no stop token: exactly new_tokens
     batches = [prompt_ids[i : i + batch] for i in range(0, len(prompt_ids), batch)][: max(1, 8 // batch)]
     pad_to = bucket(max(len(x) for x in prompt_ids))  # one compiled program for all batches
@@ -74,7 +92,7 @@ def bench_tokax(prompt_ids, batch: int, new_tokens: int, reps: int):
     return n / dt, nbytes
 
 
-def bench_hf(tok, model, prompt_ids, batch: int, new_tokens: int, reps: int):
+def bench_hf(model, prompt_ids, batch: int, new_tokens: int, reps: int):
     import torch
 
     batches = [prompt_ids[i : i + batch] for i in range(0, len(prompt_ids), batch)][: max(1, 8 // batch)]
@@ -116,46 +134,97 @@ def bench_llama_cpp(path, prompts, new_tokens: int):
     return n / dt
 
 
+class SideFailed(Exception):
+    pass
+
+
+def side(name: str, fn, *a):
+    """``fn(*a)``, with any error turned into ``SideFailed`` naming the side."""
+    try:
+        return fn(*a)
+    except Exception as err:
+        msg = " ".join(str(err).split())[:400]  # one line
+        raise SideFailed(f"the {name} side failed: {type(err).__name__}" + (f": {msg}" if msg else "")) from err
+
+
+def load_hf_model():
+    """HF ``Gemma3ForCausalLM`` from the same GGUF, float32 (``tests.model.hf_reference.load_hf``
+    without the tokenizer, which this benchmark does not use: both sides decode tokax's ids)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tokax.model.loaders.gguf import gemma3_gguf_path
+
+    path = gemma3_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
 def main():
+    try:
+        run()
+    except SideFailed as err:
+        import traceback
+
+        traceback.print_exception(err.__cause__)
+        log(f"decode_speed: {err}")
+        sys.exit(1)
+
+
+def run():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--no-batch8", action="store_true")
-    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--n-prompts", type=int, default=len(PROMPTS), help=f"the first N of the {len(PROMPTS)} prompts")
+    ap.add_argument("--no-hf", action="store_true", help="tokax only (no ratio)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a random 2-layer Gemma 3 on both sides (benchmarks/tiny_gemma.py): a check that both run")
+    ap.add_argument("--smoke", action="store_true", help="smallest run: --tiny --n-prompts 1 --new-tokens 4 --no-batch8")
     args = ap.parse_args()
+    if args.smoke:
+        args.tiny, args.n_prompts, args.new_tokens, args.no_batch8 = True, 1, 4, True
+    prompts = PROMPTS[: args.n_prompts]
 
     from tokax.model.loaders.gguf import gemma3_gguf_path
     from tokax.tokenize import load_gemma3_tokenizer
 
     tok = load_gemma3_tokenizer()
-    prompt_ids = [tok.encode(p, add_bos=True) for p in PROMPTS]
+    prompt_ids = [tok.encode(p, add_bos=True) for p in prompts]
     batches = [1] + ([] if args.no_batch8 else [8])
-    res: dict = {"model": "gemma3-270m (GGUF Q4_K_M dequantized to float32)", "new_tokens": args.new_tokens,
-                 "prompts": len(PROMPTS), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+    model_name = "gemma3-tiny-random (benchmarks/tiny_gemma.py)" if args.tiny else "gemma3-270m (GGUF Q4_K_M dequantized to float32)"
+    res: dict = {"model": model_name, "new_tokens": args.new_tokens,
+                 "prompts": len(prompts), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     res["load_avg_start"] = os.getloadavg()[0]  # other work on the machine skews both sides
     bw = measure_bandwidth()
     for b in batches:
         log(f"tokax batch {b} ...")
-        tps, nbytes = bench_tokax(prompt_ids, b, args.new_tokens, args.reps)
+        tps, nbytes = side("tokax", bench_tokax, prompt_ids, b, args.new_tokens, args.reps, args.tiny)
         res[f"tokax_tok_s_b{b}"] = tps
     res["weight_bytes"] = nbytes
     res["bandwidth_GBs"] = bw / 1e9
     res["floor_tok_s_b1"] = bw / nbytes  # every weight byte read once per token at batch 1
     if not args.no_hf:
-        import torch
+        def hf_threads_and_model():
+            import torch
 
-        from tests.model.hf_reference import load_hf
+            torch.set_num_threads(os.cpu_count())
+            if args.tiny:
+                import tiny_gemma
 
-        torch.set_num_threads(os.cpu_count())
+                cfg, params = tokax_model(True)  # the same seed: the same weights as the tokax side's
+                return tiny_gemma.to_hf(cfg, params)
+            return load_hf_model()
+
         log("loading HF transformers model ...")
-        hf_tok, model = load_hf()
+        model = side("HF transformers", hf_threads_and_model)
         for b in batches:
             log(f"HF batch {b} ...")
-            res[f"hf_tok_s_b{b}"] = bench_hf(hf_tok, model, prompt_ids, b, args.new_tokens, args.reps)
+            res[f"hf_tok_s_b{b}"] = side("HF transformers", bench_hf, model, prompt_ids, b, args.new_tokens, args.reps)
             res[f"ratio_b{b}"] = res[f"tokax_tok_s_b{b}"] / res[f"hf_tok_s_b{b}"]
         del model
-    lc = bench_llama_cpp(gemma3_gguf_path(), PROMPTS, args.new_tokens)
+    lc = None if args.tiny else side("llama.cpp", bench_llama_cpp, gemma3_gguf_path(), prompts, args.new_tokens)
     if lc is not None:
         res["llama_cpp_tok_s_b1"] = lc
 

@@ -13,6 +13,11 @@ times the prompt's prefill per power-of-two bucket (what both sides pay once
 per prompt).
 
     python benchmarks/pass_cost.py [--json] [--sizes 1,2,3,4,6,8,10,12,16] [--reps 12]
+    python benchmarks/pass_cost.py --smoke --json   # smallest run (a check that it runs)
+
+``--tiny`` times a random Gemma 3 of the same structure and vocabulary, 64
+wide and 2 layers deep (``benchmarks/tiny_gemma.py``), not Gemma 3 270M;
+``--smoke`` is ``--tiny --sizes 1,2 --reps 1 --buckets 64``.
 """
 
 from __future__ import annotations
@@ -38,7 +43,11 @@ def main():
     ap.add_argument("--sizes", default="1,2,3,4,6,8,10,12,16")
     ap.add_argument("--reps", type=int, default=12)
     ap.add_argument("--buckets", default="64,128,256,512")
+    ap.add_argument("--tiny", action="store_true", help="a random 2-layer Gemma 3 (benchmarks/tiny_gemma.py)")
+    ap.add_argument("--smoke", action="store_true", help="smallest run: --tiny --sizes 1,2 --reps 1 --buckets 64")
     args = ap.parse_args()
+    if args.smoke:
+        args.tiny, args.sizes, args.reps, args.buckets = True, "1,2", 1, "64"
 
     import jax
     import jax.numpy as jnp
@@ -49,7 +58,13 @@ def main():
     from tokax.model.screen import make_argmax_screen, screened_argmax
     from tokax.tokenize import load_gemma3_tokenizer
 
-    cfg, params = load_gemma3("float32")
+    if args.tiny:
+        import tiny_gemma
+
+        cfg = tiny_gemma.tiny_config()
+        params = tiny_gemma.tiny_params(cfg)
+    else:
+        cfg, params = load_gemma3("float32")
     tok = load_gemma3_tokenizer()
     text = "".join(inspect.getsource(importlib.import_module(m)) for m in ("json.decoder", "json.encoder"))
     ids = jnp.asarray([tok.encode(text, add_bos=True)[:1024]])
@@ -90,7 +105,7 @@ def main():
             v.append(time.perf_counter() - t)
         pre[B] = min(v) * 1e3
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    print(f"Gemma 3 270M float32, one verify pass (body + greedy tokens through the screen) after a "
+    print(f"{'random tiny Gemma 3' if args.tiny else 'Gemma 3 270M'} float32, one verify pass (body + greedy tokens through the screen) after a "
           f"{PROMPT}-token prompt, {machine}, median of {args.reps}")
     print(f"{'T':>3} {'ms':>7} {'x step':>7}")
     for T in sizes:
@@ -98,7 +113,7 @@ def main():
     print("prefill: " + ", ".join(f"{B} tokens {pre[B]:.0f} ms" for B in buckets))
     if args.json:
         print(json.dumps({"ms": ms, "relative": {T: ms[T] / ms[sizes[0]] for T in sizes}, "prefill_ms": pre,
-                          "machine": machine}))
+                          "model": cfg.name, "machine": machine}))
 
 
 if __name__ == "__main__":

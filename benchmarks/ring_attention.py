@@ -1,6 +1,7 @@
 """Ring attention / TokenRing on a simulated CPU mesh: memory, balance, communication.
 
     python benchmarks/ring_attention.py [--quick] [--out FILE.md]
+    python benchmarks/ring_attention.py --smoke   # smallest run: one length, 1 and 8 devices (a check that it runs)
 
 Runs with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set here
 before jax is imported) and prints three markdown tables:
@@ -89,14 +90,17 @@ def reference_full(q, k, v):
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
 
 
-def memory_table(quick: bool) -> str:
+def memory_table(quick: bool, smoke: bool = False) -> str:
     shapes = dict(batch=1, heads=8, kv_heads=2, dim=64)
     seqs = [4096, 16384, 65536] if quick else [4096, 8192, 16384, 32768, 65536, 131072, 262144]
+    devices = (1, 2, 4, 8)
+    if smoke:
+        seqs, devices = [2048], (1, 8)
     budget = 128 * MiB
     rows = []
     fits: dict[tuple[str, int], int] = {}
     for impl in ("ring", "tokenring"):
-        for n in (1, 2, 4, 8):
+        for n in devices:
             mesh = mesh_of(n)
             for seq in seqs:
                 if seq // n > 65536:  # keep single-device compiles reasonable
@@ -111,7 +115,7 @@ def memory_table(quick: bool) -> str:
                 rows.append(row)
                 print("memory", row, file=sys.stderr, flush=True)
     ref_rows = []
-    for seq in [1024, 2048, 4096, 8192]:
+    for seq in [1024] if smoke else [1024, 2048, 4096, 8192]:
         sds = [jax.ShapeDtypeStruct((1, seq, h, 64), jnp.float32) for h in (8, 2, 2)]
         fwd = jax.jit(reference_full).lower(*sds).compile().memory_analysis()
         bwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(reference_full(q, k, v)), argnums=(0, 1, 2)))
@@ -129,11 +133,11 @@ def memory_table(quick: bool) -> str:
         "",
         f"Longest sequence (from the lengths above) whose forward+backward total fits {budget // MiB} MiB per device:",
         "",
-        "| impl | 1 | 2 | 4 | 8 |",
-        "|---|---:|---:|---:|---:|",
+        "| impl | " + " | ".join(str(n) for n in devices) + " |",
+        "|---|" + "---:|" * len(devices),
     ]
     for impl in ("ring", "tokenring"):
-        out.append(f"| {impl} | " + " | ".join(str(fits.get((impl, n), "-")) for n in (1, 2, 4, 8)) + " |")
+        out.append(f"| {impl} | " + " | ".join(str(fits.get((impl, n), "-")) for n in devices) + " |")
     out += [
         "",
         "Baseline: single-device full attention (materialises the scores), temp MiB:",
@@ -179,7 +183,7 @@ _PASS_STREAMS = {
 }
 
 
-def comm_table(seq: int = 8192) -> str:
+def comm_table(seq: int = 8192, smoke: bool = False) -> str:
     n = 8
     mesh = mesh_of(n)
     out = [
@@ -194,6 +198,8 @@ def comm_table(seq: int = 8192) -> str:
         "|---|---|---|---|---:|---:|---|---:|",
     ]
     configs = ((jnp.float32, 8, 8), (jnp.float32, 8, 2), (jnp.bfloat16, 8, 8), (jnp.bfloat16, 8, 2))
+    if smoke:
+        configs = configs[1:2]
     for dtype, heads, kv_heads in configs:
         shapes = dict(batch=1, seq=seq, heads=heads, kv_heads=kv_heads, dim=64)
         for impl in ("ring", "tokenring"):
@@ -215,13 +221,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer sequence lengths")
     ap.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    ap.add_argument("--smoke", action="store_true",
+                    help="smallest run: 2048 tokens on 1 and 8 devices, balance at 1024, one communication config")
     args = ap.parse_args()
     t0 = time.time()
     parts = [
         f"jax {jax.__version__}, {len(jax.devices())} simulated CPU devices\n",
-        memory_table(args.quick),
-        balance_table(4096),
-        comm_table(),
+        memory_table(args.quick, smoke=args.smoke),
+        balance_table(1024 if args.smoke else 4096),
+        comm_table(2048 if args.smoke else 8192, smoke=args.smoke),
     ]
     text = "\n\n".join(parts) + f"\n\n(took {time.time() - t0:.0f} s)\n"
     print(text)

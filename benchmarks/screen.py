@@ -3,7 +3,7 @@ argmax (what a verify pass computed before) against the bfloat16 screen of
 ``tokax.model.screen``, on real hidden states.
 
 The hidden states are Gemma's final-normed states over the first 512 tokens
-of a Python standard-library module (``--module``, default ``json.decoder``).
+of a Python standard-library module (``--module``, default ``json.decoder``; ``--positions``).
 For each N the script times both paths, jitted, on N consecutive positions
 (compile excluded, median of ``--reps`` calls), checks that they give the same
 tokens, and reports how many tokens the screen had to rescore per position
@@ -17,6 +17,11 @@ windows of 128 tokens of the module with ``Generator`` (float32
 matrix-vector unembedding) and ``Generator(greedy_screen=True)``, and reports
 milliseconds per token (prefill included, compile excluded) and whether the
 outputs are equal.
+
+``--tiny`` runs on a random Gemma 3 of the same structure and vocabulary, 64
+wide and 2 layers deep (``benchmarks/tiny_gemma.py``), not Gemma 3 270M;
+``--smoke`` (the smallest run, a check that the script runs) is
+``--tiny --sizes 1 --reps 1 --positions 128``.
 """
 
 from __future__ import annotations
@@ -71,7 +76,14 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--module", default="json.decoder")
     ap.add_argument("--plain-loop", action="store_true", help="also time plain greedy with and without the screen")
+    ap.add_argument("--tiny", action="store_true", help="a random 2-layer Gemma 3 (benchmarks/tiny_gemma.py)")
+    ap.add_argument("--positions", type=int, default=512, help="tokens of the module to take hidden states at")
+    ap.add_argument("--smoke", action="store_true", help="smallest run: --tiny --sizes 1 --reps 1 --positions 128")
     args = ap.parse_args()
+    if args.smoke:
+        args.tiny, args.sizes, args.reps, args.positions = True, "1", 1, 128
+    if args.positions < 100 + max(int(x) for x in args.sizes.split(",")):
+        raise SystemExit("--positions must exceed 100 + the largest of --sizes (the timed positions start at 100)")
 
     import jax
     import jax.numpy as jnp
@@ -82,10 +94,16 @@ def main():
     from tokax.model.screen import make_argmax_screen, screened_argmax
     from tokax.tokenize import load_gemma3_tokenizer
 
-    cfg, params = load_gemma3("float32")
+    if args.tiny:
+        import tiny_gemma
+
+        cfg = tiny_gemma.tiny_config()
+        params = tiny_gemma.tiny_params(cfg)
+    else:
+        cfg, params = load_gemma3("float32")
     tok = load_gemma3_tokenizer()
     src = inspect.getsource(importlib.import_module(args.module))
-    ids = jnp.asarray([tok.encode(src, add_bos=True)[:512]])
+    ids = jnp.asarray([tok.encode(src, add_bos=True)[: args.positions]])
     _, hidden, _ = forward_jit(cfg, params, ids, jnp.arange(ids.shape[1])[None], return_logits=False)
     hidden = hidden[0]  # [T, D]
     E = params["embed"]
@@ -113,7 +131,8 @@ def main():
     allsame = bool(np.array_equal(np.concatenate([np.asarray(scr(screen, hidden[i:i + 8]))
                                                   for i in range(0, len(exact) - 7, 8)]), exact[:len(exact) // 8 * 8]))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    print(f"Gemma 3 270M unembedding (262144 x 640), greedy tokens at N positions, {machine}")
+    print(f"{'random tiny Gemma 3' if args.tiny else 'Gemma 3 270M'} unembedding ({E.shape[0]} x {E.shape[1]}), "
+          f"greedy tokens at N positions, {machine}")
     print(f"{'N':>3} {'float32 ms':>11} {'screen ms':>10} {'ratio':>6} same")
     for r in rows:
         print(f"{r['positions']:>3} {r['float32_ms']:>11.1f} {r['screen_ms']:>10.1f} "
@@ -129,7 +148,7 @@ def main():
               f"{loop['float32_ms_per_token']:.1f} ms/token, Generator(greedy_screen=True) "
               f"{loop['screen_ms_per_token']:.1f} ms/token; same tokens: {loop['same_tokens']}")
     if args.json:
-        print(json.dumps({"rows": rows, "candidates": {"median": float(np.median(n_cand)), "max": int(n_cand.max())},
+        print(json.dumps({"model": cfg.name, "rows": rows, "candidates": {"median": float(np.median(n_cand)), "max": int(n_cand.max())},
                           "all_positions_equal": allsame, "plain_loop": loop}))
 
 

@@ -42,6 +42,17 @@ The draft-model methods use the distilled draft shipped with tokax
 (``--blockwise-heads``). With ``--json`` the last line maps each set to
 ``{"best_method", "best_speedup", "hf_prompt_lookup_speedup"}``.
 
+``--tiny`` swaps the target, on both sides, for a random Gemma 3 of the same
+structure and vocabulary, 64 wide and 2 layers deep
+(``benchmarks/tiny_gemma.py``, the same weights on both sides; prompts
+encoded by tokax's tokenizer for both): it shows that both sides run, in
+seconds; its numbers are not the benchmark's. ``--smoke`` is the smallest
+run of both sides: ``--tiny``, the code set, 1 prompt, 4 new tokens, tokax
+plain greedy and prompt lookup against HF plain greedy and prompt lookup.
+When a side fails (tokax or HF transformers; with
+``--hf-assisted``, a draft that cannot become an HF assistant too), one line
+on stderr names it and the error, and the exit status is 1.
+
 ``--sweep``: greedy node-budget sweep on ``--sweep-set`` (default code,
 ``--sweep-prompts`` of its prompts): DySpec with a budget of 4, 8 and 16
 nodes against every fixed draft tree of that many nodes in
@@ -61,6 +72,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,8 +91,21 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
+class SideFailed(Exception):
+    pass
+
+
+def side(name: str, fn, *a):
+    """``fn(*a)``, with any error turned into ``SideFailed`` naming the side."""
+    try:
+        return fn(*a)
+    except Exception as err:
+        msg = " ".join(str(err).split())[:400]  # one line
+        raise SideFailed(f"the {name} side failed: {type(err).__name__}" + (f": {msg}" if msg else "")) from err
+
+
 def code_prompts(n: int) -> list[str]:
-    from tokax.train.data import function_prefixes, stdlib_files
+    from tokax.data.stdlib import function_prefixes, stdlib_files
 
     return function_prefixes(stdlib_files("eval"), min_lines=CODE_MIN_LINES, per_file=1)[:n]
 
@@ -121,19 +146,27 @@ def time_calls(fn, prompts) -> tuple[float, list]:
 
 
 def method_config(method: str, args, **overrides):
-    """``configs/speculative.py`` preset for ``method`` with the benchmark's settings."""
+    """``configs/speculative.py`` preset for ``method`` with the benchmark's settings
+    (``--k`` for the chain methods, ``--draft``/``--draft-layers``, ``--blockwise-heads``);
+    ``overrides`` set keys of the method's block, else top-level keys."""
     import configs.speculative as spec_config
+    from tokax.decode import methods
 
     c = spec_config.get_config(method)
-    c.k, c.draft_layers, c.draft, c.seed = args.k, args.draft_layers, args.draft, 0
-    c.blockwise_heads = args.blockwise_heads
-    if method == "blockwise" and c.blockwise_heads:  # one draft per trained head
-        from tokax.decode.proposers import load_params
-        from tokax.jobs.speculative import heads_path
-
-        c.k = min(c.k, int(load_params(heads_path(c.blockwise_heads))["w"].shape[0]))
+    block = c[method]
+    c.seed = 0
+    c.draft_model.name, c.draft_model.layers = args.draft, args.draft_layers
+    if methods.METHODS[method].loop == "chain" and "k" in block:
+        block.k = args.k
+    if "heads" in block:
+        block.heads = args.blockwise_heads
     for key, val in overrides.items():
-        setattr(c, key, val)
+        if key in block:
+            block[key] = val
+        elif key in c and not isinstance(c[key], type(block)):
+            c[key] = val
+        else:
+            raise SystemExit(f"method {method!r} has no key {key!r}; its keys: {', '.join(block.keys())}")
     return c
 
 
@@ -163,10 +196,15 @@ def run_method(c, cfg, params, ids, N, pads, ref=None, sp=None, seed=0) -> dict:
     return row
 
 
-def load_target():
+def load_target(tiny: bool = False):
     from tokax.model.loaders.gguf import load_gemma3
     from tokax.tokenize import load_gemma3_tokenizer
 
+    if tiny:
+        import tiny_gemma
+
+        cfg = tiny_gemma.tiny_config()
+        return cfg, tiny_gemma.tiny_params(cfg), load_gemma3_tokenizer()
     cfg, params = load_gemma3("float32")
     return cfg, params, load_gemma3_tokenizer()
 
@@ -209,13 +247,13 @@ def variant_overrides(method: str) -> tuple[str, dict]:
         elif v in ("pow2", "every"):
             over["verify_sizes"] = v
         elif v in ("stdlib", "greedy", "stdlib+greedy"):
-            over["retrieval_corpus"] = v
+            over["corpus"] = v
         elif v == "untrained" and base in ("kangaroo", "specdec_pp"):
-            over["kangaroo_adapter" if base == "kangaroo" else "specdec_head"] = ""
+            over["adapter" if base == "kangaroo" else "head"] = ""
         elif base in ("kangaroo", "specdec_pp") and re.fullmatch(r"t(0|1)?\.\d+", v):
-            over["kangaroo_threshold" if base == "kangaroo" else "specdec_threshold"] = float(v[1:])
+            over["threshold"] = float(v[1:])
         elif base == "retrieval_tree" and re.fullmatch(r"\d+(-\d+)*", v):
-            over["retrieval_branches"] = tuple(int(x) for x in v.split("-"))
+            over["branches"] = tuple(int(x) for x in v.split("-"))
         else:
             raise SystemExit(f"method {method!r}: variants are /f32, /pow2, /every, /stdlib, /greedy, "
                              "/stdlib+greedy, retrieval_tree/A-B-C, and for kangaroo and specdec_pp "
@@ -281,7 +319,8 @@ def bench_sweep(prompts: list, args, target) -> dict:
         for br in templates:
             assert template_nodes(br) == n, (br, n)
             for method in args.sweep_families:
-                c = method_config(method, args, branching=br, table_k=max(4, max(br)))
+                extra = {"table_k": max(4, max(br))} if method == "token_recycling" else {}
+                c = method_config(method, args, branching=br, **extra)
                 rows[f"{method}{list(br)}"] = run_method(c, cfg, params, ids, N, pads, ref)
         for r in rows.values():
             r["speedup"] = t_plain / r["seconds"]
@@ -306,7 +345,7 @@ def bench_spectr(prompts: list, args, target) -> dict:
     L = args.spectr_length
     rows = {"draft (single chain)": run_method(method_config("draft", args, k=L), cfg, params, ids, N, pads, sp=sp)}
     for k in args.spectr_ks:
-        c = method_config("spectr", args, spectr_k=k, spectr_length=L)
+        c = method_config("spectr", args, k=k, length=L)
         rows[f"spectr k={k}"] = run_method(c, cfg, params, ids, N, pads, sp=sp)
     log("[spectr T=1] " + ", ".join(f"{m}: {r['mean_accepted_per_pass']:.2f}" for m, r in rows.items()))
     return {"length": L, "temperature": 1.0, "rows": rows}
@@ -315,10 +354,9 @@ def bench_spectr(prompts: list, args, target) -> dict:
 def hf_assistant(model, args, target):
     """The draft of ``args.draft`` as an HF model for assisted generation
     (``tests.model.hf_reference.hf_draft``; distilled drafts only), proposing ``args.k`` tokens
-    per round as tokax's ``draft`` method does. None when the draft cannot be converted."""
+    per round as tokax's ``draft`` method does; ValueError for a draft that does not convert."""
     if not args.draft.startswith("distilled"):
-        log(f"HF assisted generation: only the distilled draft converts to an HF model, not {args.draft!r}")
-        return None
+        raise ValueError(f"--hf-assisted: only the distilled draft converts to an HF model, not {args.draft!r}")
     from tests.model.hf_reference import hf_draft
     from tokax.decode.proposers.distilled import draft_meta, make_draft
 
@@ -339,7 +377,14 @@ def bench_hf(sets: dict, args, target) -> dict:
     from tests.model.hf_reference import load_hf
 
     torch.set_num_threads(os.cpu_count())
-    tok, model = load_hf()
+    if args.tiny:  # the tokax side's weights, and its tokenizer's ids (the same as HF's on Gemma's vocabulary)
+        import tiny_gemma
+
+        cfg, params, tax_tok = target
+        model = tiny_gemma.to_hf(cfg, params)
+        tok = lambda p, return_tensors: SimpleNamespace(input_ids=torch.tensor([tax_tok.encode(p, add_bos=True)]))  # noqa: E731
+    else:
+        tok, model = load_hf()
     N = args.new_tokens
     assistant = hf_assistant(model, args, target) if args.hf_assisted else None
 
@@ -436,6 +481,17 @@ def plot_sweep(sweep: dict, path: str, title: str) -> None:
 
 
 def main():
+    try:
+        run()
+    except SideFailed as err:
+        import traceback
+
+        traceback.print_exception(err.__cause__)
+        log(f"speculative: {err}")
+        sys.exit(1)
+
+
+def run():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -466,7 +522,15 @@ def main():
     ap.add_argument("--spectr", action="store_true", help="SpecTr vs single-draft acceptance at temperature 1")
     ap.add_argument("--spectr-length", type=int, default=4)
     ap.add_argument("--spectr-prompts", type=int, default=10)
+    ap.add_argument("--tiny", action="store_true",
+                    help="a random 2-layer Gemma 3 target on both sides (benchmarks/tiny_gemma.py): a check that both run")
+    ap.add_argument("--smoke", action="store_true",
+                    help="smallest run: --tiny --sets code --n-prompts 1 --new-tokens 4 --methods prompt_lookup")
     args = ap.parse_args()
+    if args.smoke:
+        args.tiny, args.sets, args.n_prompts, args.new_tokens, args.methods = True, "code", 1, 4, "prompt_lookup"
+    if args.tiny and args.hf_assisted:
+        raise SystemExit("--hf-assisted needs the real target (the distilled draft is Gemma 3 270M's): drop --tiny")
     args.methods = [m for m in args.methods.split(",") if m]
     args.sweep_families = [m for m in args.sweep_families.split(",") if m]
     args.sweep_budgets = [int(n) for n in args.sweep_budgets.split(",") if n]
@@ -477,13 +541,14 @@ def main():
         if len(ps) < args.n_prompts:
             raise SystemExit(f"prompt set {s!r} has only {len(ps)} prompts (< --n-prompts {args.n_prompts})")
 
-    target = load_target()
-    tk = bench_tokax(sets, args, target) if args.methods else {}
-    sweep = bench_sweep(sets[args.sweep_set][: args.sweep_prompts], args, target) if args.sweep else None
-    spectr = bench_spectr(sets[args.sweep_set][: args.spectr_prompts], args, target) if args.spectr else None
-    hf = {} if args.no_hf else bench_hf(sets, args, target)
+    target = side("tokax", load_target, args.tiny)
+    tk = side("tokax", bench_tokax, sets, args, target) if args.methods else {}
+    sweep = side("tokax", bench_sweep, sets[args.sweep_set][: args.sweep_prompts], args, target) if args.sweep else None
+    spectr = side("tokax", bench_spectr, sets[args.sweep_set][: args.spectr_prompts], args, target) if args.spectr else None
+    hf = {} if args.no_hf else side("HF transformers", bench_hf, sets, args, target)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    print(f"\nGemma 3 270M float32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, "
+    target_name = "random tiny Gemma 3 (benchmarks/tiny_gemma.py)" if args.tiny else "Gemma 3 270M"
+    print(f"\n{target_name} float32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, "
           f"prompts padded per {args.pad}, {machine}")
     print(f"{'set':<8} {'method':<14} {'speedup':>8} {'acc/pass':>9} {'tok/pass':>9} {'identical':>10}")
     summary = {}
@@ -503,7 +568,7 @@ def main():
             "best_speedup": rows[best]["speedup"] if best else None,
             "hf_prompt_lookup_speedup": hf[s]["prompt_lookup_speedup"] if s in hf else None,
         }
-    title = (f"Gemma 3 270M f32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, "
+    title = (f"{target_name} f32, greedy, batch 1, {args.new_tokens} new tokens, K={args.k}, "
              f"padding per {args.pad}, {machine}")
     if sweep:
         print(f"\nnode-budget sweep ({args.sweep_set}, {args.sweep_prompts} prompts, greedy): accepted drafts per pass"

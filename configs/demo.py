@@ -12,7 +12,7 @@ def get_config(arg=None):
     # a table of tokens/s, speedup, tokens per target pass and identity to plain output.
     # retrieval: prompt lookup, else the n-gram datastore of the standard library and of Gemma's own greedy
     # continuations of it; retrieval_tree: the same
-    # sources and the datastore's runner-up as one token tree; draft: the shipped distilled draft
+    # sources and the datastore's runner-up as one token tree; draft: the shipped distilled draft.
+    # Each runs with its defaults (tokax.decode.methods; configs/speculative.py has the blocks).
     c.compare_methods = ("prompt_lookup", "retrieval", "retrieval_tree", "anpd", "draft", "medusa")
-    c.k = 5  # draft tokens per round for the compared methods
     return c

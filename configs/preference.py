@@ -4,7 +4,7 @@
     python -m tokax.run --config configs/preference.py --config.loss=ipo --config.loss_kwargs.beta=0.5
     python -m tokax.run --config configs/preference.py:gemma --config.workdir=/tmp/dpo_gemma
 
-The task (``tokax.train.data.build_code_preference_task``, also
+The task (``tokax.data.preference.build_code_preference_task``, also
 ``experiments/build_preference_task.py``): prompt = the first lines of a
 stdlib function, chosen = its real next line, rejected = a line from another
 function or the real line with its words shuffled. Train pairs come from the

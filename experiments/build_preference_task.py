@@ -19,7 +19,7 @@ import argparse
 import collections
 import os
 
-from tokax.train.data import build_code_preference_task, file_digest, preference_to_unpaired, write_jsonl
+from tokax.data.preference import build_code_preference_task, file_digest, preference_to_unpaired, write_jsonl
 
 
 def main() -> None:

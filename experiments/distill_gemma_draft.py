@@ -74,7 +74,7 @@ def evaluate(path: str | None, n_rows: int = 16, seq_len: int = 256) -> dict:
     from tokax.model.decoder import forward
     from tokax.model.loaders.gguf import load_gemma3
     from tokax.tokenize import load_gemma3_tokenizer
-    from tokax.train.data import corpus_pieces
+    from tokax.data.stdlib import corpus_pieces
     from tokax.train.heads import token_rows
 
     cfg, params = load_gemma3("float32")

@@ -67,9 +67,10 @@ def make_config(loss: str, workdir: str, args: argparse.Namespace):
 def heldout_pairs(args):
     """The held-out pairs the trainer evaluates on (same builder, n, seed, context)."""
     from tokax.tokenize import load_gemma3_tokenizer
+    from tokax.data.preference import build_code_preference_task
     from tokax.train import data as D
 
-    rows = D.build_code_preference_task("eval", n=args.n_eval, seed=0, context_lines=args.context_lines)
+    rows = build_code_preference_task("eval", n=args.n_eval, seed=0, context_lines=args.context_lines)
     pairs, skipped = D.encode_preference(rows, load_gemma3_tokenizer(), args.seq_len, "skip")
     it = D.PreferenceIterator(pairs, args.seq_len, args.eval_batch, shuffle=False)
     return [next(it) for _ in range(len(pairs) // args.eval_batch)], len(skipped)

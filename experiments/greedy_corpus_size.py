@@ -34,25 +34,25 @@ def main():
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    import configs.speculative as spec_config
     from benchmarks.speculative import code_prompts
     from experiments.replay_drafts import greedy_refs
-    from tokax.decode.proposers.retrieval import _stdlib_docs, build_table, greedy_corpus_docs
+    from tokax.data.greedy import greedy_corpus_docs
+    from tokax.data.stdlib import stdlib_docs
+    from tokax.decode.proposers.retrieval import build_table
+    from tokax.decode import methods
     from tokax.decode.replay import replay_greedy
-    from tokax.jobs.speculative import retrieval_tree_proposer
     from tokax.tokenize import load_gemma3_tokenizer
 
-    c = spec_config.get_config("retrieval_tree")
+    b = methods.default_block("retrieval_tree")
     tok = load_gemma3_tokenizer()
     ids = [tok.encode(p, add_bos=True) for p in code_prompts(args.n_prompts)]
     refs = greedy_refs({"code": ids}, args.new_tokens, args.refs)["code"]
-    prop = retrieval_tree_proposer(c)
-    stdlib, greedy = _stdlib_docs(tok), greedy_corpus_docs()
+    stdlib, greedy = stdlib_docs(tok), greedy_corpus_docs()
     out = {}
     for frac in (float(x) for x in args.fractions.split(",")):
         part = greedy[:round(len(greedy) * frac)]
-        table = build_table(stdlib + part * c.retrieval_greedy_weight, max_n=c.retrieval_ngram,
-                            min_count=c.retrieval_min_count)
+        table = build_table(stdlib + part * b.greedy_weight, max_n=b.ngram, min_count=b.min_count)
+        prop, _ = methods.build("retrieval_tree", b, None, None, datastore=table)
         r = replay_greedy(prop, table, ids, refs)
         out[frac] = {"greedy_documents": len(part), "tokens_per_pass": r["tokens_per_pass"]}
         print(f"greedy corpus x {frac:g} ({len(part)} documents): {r['tokens_per_pass']:.3f} tokens/pass",

@@ -17,11 +17,12 @@ machine (drafting and prefill left out), and ``--caps`` replays each method
 with at most that many drafted tokens or nodes per round.
 
     python experiments/replay_drafts.py [--sets code,rewrite,prose] [--n-prompts 20] [--new-tokens 64] \\
-        [--refs refs.json] [--cost cost.json] [--caps 0,3] [--json] --methods 'retrieval_tree,retrieval_tree:retrieval_ngram=4,prompt_lookup'
+        [--refs refs.json] [--cost cost.json] [--caps 0,3] [--json] --methods 'retrieval_tree,retrieval_tree:ngram=4,prompt_lookup'
 
 A method is a name of ``configs/speculative.py`` with the speculative
 benchmark's variants (``retrieval_tree/5-2-2``, ``/stdlib``, ...) and then
-any config overrides as ``:key=value`` (Python literals). The prompts are the
+any overrides of the method's block (``tokax.decode.methods``), else of the config's
+top-level keys, as ``:key=value`` (Python literals). The prompts are the
 benchmark's sets (``benchmarks/speculative.py``).
 """
 
@@ -65,17 +66,14 @@ def parse_method(spec: str):
 
 
 def proposer_for(c, cfg, params):
-    """(proposer, pparams, verify-pass lengths) as the speculative job builds them."""
-    from tokax.decode.speculative import verify_block_sizes
-    from tokax.jobs import speculative as job
+    """(proposer, pparams, verify-pass lengths) as the speculative job builds them (the registry)."""
+    from tokax.decode import methods
+    from tokax.decode.loop import verify_block_sizes
 
-    if c.method == "retrieval_tree":
-        prop = job.retrieval_tree_proposer(c)
-        sizes = job.pass_sizes(c, prop.n_nodes) or prop.verify_sizes
-        return prop, job.retrieval_table(c), sizes
-    prop, pparams = job.build_proposer(c, cfg, params)
-    sizes = verify_block_sizes(prop.k, job.pass_sizes(c, prop.k), getattr(prop, "can_be_empty", True))
-    return prop, pparams, sizes
+    prop, pparams = methods.build(c.method, c[c.method], cfg, params, draft_model=c.draft_model)
+    if methods.METHODS[c.method].loop == "tree":
+        return prop, pparams, methods.pass_sizes(c.verify_sizes, prop.n_nodes) or prop.verify_sizes
+    return prop, pparams, verify_block_sizes(prop.k, methods.pass_sizes(c.verify_sizes, prop.k), prop.can_be_empty)
 
 
 def greedy_refs(sets: dict, N: int, path: str | None) -> dict:

@@ -46,7 +46,7 @@ def decode_eval(out: str, n_prompts: int = 4, max_new: int = 48, k: int = 3) -> 
     from tokax.decode.speculative import SpeculativeGenerator
     from tokax.model.loaders.gguf import load_gemma3
     from tokax.tokenize import load_gemma3_tokenizer
-    from tokax.train.data import corpus_pieces
+    from tokax.data.stdlib import corpus_pieces
 
     cfg, params = load_gemma3("float32")
     tok = load_gemma3_tokenizer()

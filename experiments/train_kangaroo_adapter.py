@@ -12,7 +12,7 @@ distilled draft's 16,384 frequent tokens (a full-vocabulary head costs about
 half a target step per drafted token on a CPU; outside the subset q = 0, which
 keeps verification exact).
 
-Data: the shipped greedy corpus (``tokax.train.data.greedy_code_pairs``), 2,944
+Data: the shipped greedy corpus (``tokax.data.greedy.greedy_code_pairs``), 2,944
 training-split function openings and the 64 tokens Gemma wrote after each. The
 loss is the draft's cross-entropy against those tokens at the continuation
 positions (``kangaroo.greedy_ce_loss``): greedy acceptance is exactly "the
@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tokax.train.data import continuation_batch  # noqa: E402
+from tokax.data.greedy import continuation_batch  # noqa: E402
 
 CONT = 64
 
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     from tokax.decode.proposers.distilled import make_draft
     from tokax.model.loaders.gguf import load_gemma3
     from tokax.tokenize import load_gemma3_tokenizer
-    from tokax.train.data import greedy_code_pairs
+    from tokax.data.greedy import greedy_code_pairs
 
     t0 = time.perf_counter()
     cfg, params = load_gemma3("float32")

@@ -3,8 +3,8 @@
     python experiments/train_small_byte_model.py [--out ~/.cache/tokax/small_byte_model] [--steps N]
 
 1. Trains a byte-fallback sentencepiece BPE (4096 pieces, identity
-   normalization, no dummy prefix: `tokax.train.data.train_code_tokenizer`)
-   on the stdlib's *train* files (`tokax.train.data.stdlib_files("train")`,
+   normalization, no dummy prefix: `tokax.tokenize.train_code_tokenizer`)
+   on the stdlib's *train* files (`tokax.data.stdlib.stdlib_files("train")`,
    the path-hash split), saved as ``OUT/stdlib_bpe_4096.model``.
 2. Trains a small tokax decoder with that vocabulary by SFT (next-token NLL,
    `tokax.train.trainer.run`, config `configs/byte_ensemble.py`), then writes
@@ -101,8 +101,8 @@ def export(c, out: str, vocab_size: int, metrics: dict, seconds: float) -> None:
         "model_config": dataclasses.asdict(cfg),
         "tokenizer": f"stdlib_bpe_{int(c.data.vocab_size)}.model",
         "step": ck_meta.get("step"),
-        "train_split": "tokax.train.data.stdlib_files('train')",
-        "heldout_split": "tokax.train.data.stdlib_files('eval')",
+        "train_split": "tokax.data.stdlib.stdlib_files('train')",
+        "heldout_split": "tokax.data.stdlib.stdlib_files('eval')",
         "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         "python": sys.version.split()[0],
         "seconds": round(seconds, 1),

@@ -3,7 +3,7 @@
     python experiments/train_specdec_head.py      # ~11 minutes on 2 CPU cores (the draft's passes)
     python experiments/train_specdec_head.py --out /tmp/head --steps 3000
 
-Data: the shipped greedy corpus (``tokax.train.data.greedy_code_pairs``): 2,944
+Data: the shipped greedy corpus (``tokax.data.greedy.greedy_code_pairs``): 2,944
 stdlib training-split function openings and the 64 tokens Gemma 3 270M wrote
 after each, greedily. At every continuation position the accepted prefix is
 exactly what greedy speculative decoding would have accepted, so for each one:
@@ -47,7 +47,7 @@ def features(dcfg, dparams, pairs, batch: int, progress=None):
     from tokax.decode.proposers.draft_model import draft_forward, draft_unembed
     from tokax.decode.proposers.specdec_pp import candidate_hidden
     from tokax.model.decoder import padded_positions
-    from tokax.train.data import continuation_batch
+    from tokax.data.greedy import continuation_batch
 
     L = max(len(p) for p, _ in pairs) + CONT
 
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     from tokax.decode.proposers.distilled import make_draft
     from tokax.model.loaders.gguf import load_gemma3
     from tokax.tokenize import load_gemma3_tokenizer
-    from tokax.train.data import greedy_code_pairs
+    from tokax.data.greedy import greedy_code_pairs
 
     t0 = time.perf_counter()
     cfg, params = load_gemma3("float32")

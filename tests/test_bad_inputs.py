@@ -43,7 +43,7 @@ def _fill(text: str, files: dict[str, str]) -> str:
     return text
 
 
-GEN, SPEC, TREE, BYTE = "configs/generate.py", "configs/speculative.py", "configs/tree.py", "configs/byte_sample.py"
+GEN, SPEC, BYTE = "configs/generate.py", "configs/speculative.py", "configs/byte_sample.py"
 PREF, SFT, DIST, HEADS = "configs/preference.py", "configs/sft.py", "configs/distill.py", "configs/blockwise.py"
 
 # (id, config, overrides, text the one error line must contain); {name} is a file from _files.
@@ -63,14 +63,19 @@ CASES = [
     ("no_config_file", "configs/nope.py", [], "--config 'configs/nope.py' does not exist"),
     ("config_is_dir", "configs", [], "--config 'configs' is not a file"),
     # speculative decoding
-    ("draft_bogus", SPEC, ["--config.draft=bogus"], "--config.draft='bogus' is invalid"),
-    ("draft_dir_missing", SPEC, ["--config.draft=distilled:{dir}"], "holds no meta.json"),
-    ("retrieval_corpus_empty", SPEC, ["--config.method=retrieval", "--config.retrieval_corpus={empty_corpus}"],
+    ("draft_bogus", SPEC + ":draft", ["--config.draft_model.name=bogus"], "--config.draft_model.name='bogus' is invalid"),
+    ("draft_dir_missing", SPEC + ":dyspec", ["--config.draft_model.name=distilled:{dir}"], "holds no meta.json"),
+    ("retrieval_corpus_empty", SPEC, ["--config.method=retrieval", "--config.retrieval.corpus={empty_corpus}"],
      "the directory holds no .py/.txt/.md files"),
     ("method_bogus", SPEC, ["--config.method=bogus"], "--config.method='bogus' is invalid"),
-    ("k_zero", SPEC, ["--config.k=0"], "--config.k=0 is invalid"),
-    ("tree_old_name", TREE, ["--config.method=draft_tree"], "--config.method='draft_tree' is invalid"),
-    ("tree_preset_arg", TREE + ":draft_tree", [], "unknown arg 'draft_tree'"),
+    ("k_zero", SPEC, ["--config.prompt_lookup.k=0"], "--config.prompt_lookup.k=0 is invalid"),
+    ("tree_old_name", SPEC, ["--config.method=draft_tree"], "--config.method='draft_tree' is invalid"),
+    ("preset_arg", SPEC + ":draft_tree", [], "unknown arg 'draft_tree'"),
+    ("dyspec_nodes", SPEC + ":dyspec", ["--config.dyspec.n_nodes=0"], "--config.dyspec.n_nodes=0 is invalid"),
+    ("recycling_table", SPEC + ":token_recycling", ["--config.token_recycling.table_k=1"],
+     "must be >= max(branching)=3"),
+    ("old_flat_key", SPEC, ["--config.k=3"], "unknown config key 'k'"),
+    ("block_as_value", SPEC, ["--config.draft=truncated"], "--config.draft is a block of keys (k)"),
     ("spec_prompts_surrogate", SPEC, ["--config.prompts_file={surrogate.json}"], "lone surrogate"),
     # byte-level sampling
     ("byte_prompts_cut", BYTE, ["--config.prompts_file={cut.json}"], '{"hex": "..."}'),

@@ -44,14 +44,16 @@ def test_bad_values_are_named(override, needle):
     "override,needle",
     [
         ("--config.verify_sizes=some", "--config.verify_sizes='some' is invalid"),
-        ("--config.retrieval_corpus=nowhere", "--config.retrieval_corpus='nowhere' is invalid"),
-        ("--config.retrieval_greedy_weight=0", "--config.retrieval_greedy_weight=0 is invalid"),
-        ("--config.kangaroo_adapter=/no/adapter.npz", "--config.kangaroo_adapter='/no/adapter.npz' is invalid"),
-        ("--config.specdec_head=/no/head.npz", "--config.specdec_head='/no/head.npz' is invalid"),
+        ("--config.retrieval.corpus=nowhere", "--config.retrieval.corpus='nowhere' is invalid"),
+        ("--config.retrieval.greedy_weight=0", "--config.retrieval.greedy_weight=0 is invalid"),
+        ("--config.method=kangaroo --config.kangaroo.adapter=/no/adapter.npz",
+         "--config.kangaroo.adapter='/no/adapter.npz' is invalid"),
+        ("--config.method=specdec_pp --config.specdec_pp.head=/no/head.npz",
+         "--config.specdec_pp.head='/no/head.npz' is invalid"),
     ],
 )
 def test_bad_speculative_values_are_named(override, needle):
-    r = run("--config", "configs/speculative.py:retrieval", override)
+    r = run("--config", "configs/speculative.py:retrieval", *override.split())
     assert r.returncode != 0
     assert needle in r.stderr
 

@@ -5,8 +5,8 @@ The config's ``job`` key picks what runs:
 - ``generate``     plain decoding of a prompts file (configs/generate.py)
 - ``demo``         ``make demo``: plain decoding with tokens/s, then the speculative methods
                    on the same prompts (configs/demo.py)
-- ``speculative``  speculative decoding, chain and token-tree methods (configs/speculative.py;
-                   configs/tree.py, dyspec.py, spectr.py, token_recycling.py are its presets)
+- ``speculative``  speculative decoding, chain and token-tree methods (configs/speculative.py,
+                   a block per method; ``configs/speculative.py:dyspec`` presets the method)
 - ``byte_sample``  completion of prompts that may end inside a token (configs/byte_sample.py)
 - ``train``        the training core: SFT, distillation, the preference losses
                    (configs/sft.py, distill.py, preference.py, byte_ensemble.py)
@@ -133,6 +133,9 @@ def check_override_keys(argv: list[str]) -> None:
                 valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none)"
                 raise ConfigError(f"unknown config key {key!r} for {file}; valid keys here: {valid}")
             node = node[part]
+        if hasattr(node, "keys"):
+            raise ConfigError(f"--config.{key} is a block of keys ({', '.join(sorted(node.keys()))}); "
+                              f"set one of them, --config.{key}.KEY=VALUE")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

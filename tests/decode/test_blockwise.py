@@ -1,8 +1,7 @@
-"""Blockwise parallel decoding / Medusa heads: lossless on random tiny models
-(greedy token-identical to plain greedy with ragged acceptance; sampled
-output distributed as the target, chi-square against the enumerated
-distribution, with a wrong verifier as negative control), the Medusa top-k
-tree against a brute-force cartesian product, and a slow Gemma 3 270M check."""
+"""Blockwise parallel decoding / Medusa heads: the heads' logits against numpy, the Medusa
+top-k tree against a brute-force cartesian product, shape errors, training on a tiny frozen
+target, subset heads, and a slow Gemma 3 270M check. The method's losslessness (greedy and
+sampled, with a misaligned-q negative control) is ``tests/decode/test_lossless.py``."""
 
 import itertools
 
@@ -11,17 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.decode.test_speculative import (  # noqa: F401  (fixtures)
-    B,
-    SAMPLING,
-    V,
-    exact,
-    plain_greedy,
-    ragged_prompts,
-    sampled_codes,
-    target,
-)
-from tests.decode.test_verify import chi2_pvalue
+from tokax import testing as T
 from tokax.decode.generate import Generator
 from tokax.decode.proposers.blockwise import (
     BlockwiseProposer,
@@ -32,9 +21,9 @@ from tokax.decode.proposers.blockwise import (
     tree_structure,
 )
 from tokax.decode.speculative import SpeculativeGenerator
-from tokax.decode.verify import verify
 
 K = 3
+V = T.TINY_VOCAB
 
 
 def numpy_head_logits(hp, embed, h):
@@ -53,9 +42,15 @@ def heads(target):
 
 
 @pytest.fixture(scope="module")
-def gen(target, heads):
+def target():
+    return T.tiny_target()
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(target):
     cfg, params = target
-    return SpeculativeGenerator(cfg, params, BlockwiseProposer(k=K), heads, eos_ids=())
+    base, budgets = T.ragged_prompts()
+    return Generator(cfg, params, eos_ids=()).generate(base, budgets)
 
 
 def test_head_logits_match_numpy(target, heads):
@@ -66,45 +61,6 @@ def test_head_logits_match_numpy(target, heads):
     # Zero-init heads are the target's own next-token head: E h.
     z = np.asarray(apply_heads(init_heads(cfg.d_model, 2), jnp.asarray(h)))
     np.testing.assert_allclose(z, np.repeat(h[:, None], 2, 1), atol=1e-6)
-
-
-def test_greedy_equals_plain_greedy(gen, plain_greedy):
-    base, budgets = ragged_prompts()
-    reps = B // len(base)
-    outs, st = gen.generate(base * reps, budgets * reps)
-    for i, row in enumerate(outs):
-        assert row == plain_greedy[i % len(base)], i
-    accepted = np.array([s["accepted"] for s in st[: len(base)]])
-    proposed = np.array([s["proposed"] for s in st[: len(base)]])
-    passes = np.array([s["target_passes"] for s in st[: len(base)]])
-    # Round 1 has no hidden state (one-token pass, no drafts); every later round drafts K.
-    assert (proposed == K * (passes - 1)).all()
-    assert ((accepted + passes >= budgets) & (accepted + passes - np.array(budgets) <= K)).all()
-    assert accepted.sum() > 0 and len(set(accepted.tolist())) > 1  # ragged acceptance
-
-
-def test_sampling_matches_target_distribution(gen, exact):
-    codes, st = sampled_codes(gen, seeds=range(4))
-    proposed = sum(s["proposed"] for s in st)
-    accepted = sum(s["accepted"] for s in st)
-    assert 0 < accepted < proposed
-    assert chi2_pvalue(codes, exact) > 0.01
-
-
-def shifted_q_verify(p_logits, drafts, n_draft, q_logits, sp, rng):
-    """WRONG: draft i checked against head i-1's distribution (an off-by-one
-    head index). (Dropping q altogether would *not* be wrong: a draft drawn
-    independently of the verifier may be verified as a fixed token.)"""
-    return verify(p_logits, drafts, n_draft, jnp.roll(q_logits, 1, axis=1), sp, rng)
-
-
-@pytest.mark.slow  # one more compile of the loop
-def test_misaligned_draft_probs_fail(target, gen, exact):
-    """Negative control: the same chi-square test detects q taken from the wrong head."""
-    cfg, params = target
-    wrong = SpeculativeGenerator(cfg, params, gen.proposer, gen.pparams, eos_ids=(), verifier=shifted_q_verify)
-    codes, _ = sampled_codes(wrong, seeds=range(4))
-    assert chi2_pvalue(codes, exact) < 1e-4
 
 
 def test_topk_tree_is_the_cartesian_product(target, heads):
@@ -213,9 +169,9 @@ def test_heads_learn_target_greedy_tokens():
     tokens 2..K+1 ahead on held-out rows far better than the untrained
     (copy-next) heads; accuracy checked against a numpy recomputation from
     the target's own logits."""
-    from tests.decode.test_speculative import model_params
     from tokax.model import config as mc
     from tokax.model.decoder import forward_jit
+    from tokax.testing import model_params
     from tokax.train.heads import head_accuracy, shift_ahead, target_hidden, train_heads
 
     Vt, T = 16, 24
@@ -253,7 +209,6 @@ def test_heads_learn_target_greedy_tokens():
 def test_subset_heads_logits_and_greedy_identity(target, heads, plain_greedy):
     """Heads over a token subset (head_vocab): the logits of the subset equal the full heads'
     (numpy reference), q = 0 elsewhere, and greedy blockwise decoding still equals plain greedy."""
-    from tests.decode.test_speculative import ragged_prompts
 
     cfg, params = target
     ids = jnp.asarray([0, 1, 3, 4, 6], jnp.int32)
@@ -264,7 +219,7 @@ def test_subset_heads_logits_and_greedy_identity(target, heads, plain_greedy):
     np.testing.assert_allclose(got[..., np.asarray(ids)], ref[..., np.asarray(ids)], rtol=1e-4, atol=1e-4)
     outside = np.setdiff1d(np.arange(V), np.asarray(ids))
     assert (got[..., outside] < -1e29).all()
-    base, budgets = ragged_prompts()
+    base, budgets = T.ragged_prompts()
     outs, st = SpeculativeGenerator(cfg, params, BlockwiseProposer(k=K), sub, eos_ids=()).generate(base, budgets)
     assert outs == plain_greedy
     assert sum(s["accepted"] for s in st) > 0

@@ -1,129 +1,29 @@
 """Exact byte-level probabilities (Phan et al.) against brute-force enumeration.
 
-The oracle enumerates every token sequence whose bytes are consistent with
-the text (all segmentations, byte tokens included), scores each with the
-model's next-token log-probs from cache-free forwards, decides validity with
-sentencepiece itself (`brute_valid`), and sums Q over the covers, in float64.
-Prefixes end at token boundaries, inside tokens and inside characters.
+The oracle (`tokax.testing.ByteOracle`) enumerates every token sequence
+whose bytes are consistent with the text (all segmentations, byte tokens
+included), scores each with the model's next-token log-probs from cache-free
+forwards, decides validity with sentencepiece itself (`brute_valid`), and
+sums Q over the covers, in float64. Prefixes end at token boundaries, inside
+tokens and inside characters. The model is `tokax.testing`'s toy decoder.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.model.test_decoder import random_params
-from tests.tokenize.test_byte_vocab import brute_valid, toy_vocab
 from tokax.decode.byte_level import STOP, ByteLM, ByteMixture, sample_bytes
 from tokax.decode.token_healing import complete_tokens
 from tokax.model import config as mc
-from tokax.model.decoder import forward
+from tokax.testing import ByteOracle, batch_logits, random_params, toy_byte_model, toy_byte_vocab, toy_spm_proto
 from tokax.tokenize.byte_vocab import SPECIAL, ByteVocab
 
 
-@functools.lru_cache(maxsize=1)
-def toy_model():
-    v = toy_vocab()
-    cfg = mc.tiny(vocab_size=v.vocab_size)
-    return cfg, random_params(cfg, seed=3)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _full_logits(cfg, params, tokens):
-    T = tokens.shape[1]
-    pos = jnp.broadcast_to(jnp.arange(T), tokens.shape)
-    lg, _, _ = forward(cfg, params, tokens, pos)
-    return lg
-
-
-class Oracle:
-    """Brute force over token sequences after BOS, in float64."""
-
-    def __init__(self, renormalize: bool = True):
-        self.v = toy_vocab()
-        self.cfg, self.params = toy_model()
-        self.renormalize = renormalize
-        self._logq: dict[tuple[int, ...], np.ndarray] = {}
-
-    def logp(self, seqs: list[tuple[int, ...]]) -> None:
-        """Fill the cache of log Q(next | seq) for all `seqs` (one batched forward)."""
-        todo = [s for s in dict.fromkeys(seqs) if s not in self._logq]
-        if not todo:
-            return
-        L = 16
-        toks = np.zeros((len(todo), L), np.int32)
-        for k, s in enumerate(todo):
-            toks[k, : len(s) + 1] = (self.v.bos_id,) + s
-        lg = np.asarray(_full_logits(self.cfg, self.params, jnp.asarray(toks)), np.float64)
-        for k, s in enumerate(todo):
-            row = lg[k, len(s)]
-            lp = row - np.logaddexp.reduce(row)
-            if not self._valid(s):  # Q(s) = 0: nothing after it counts
-                self._logq[s] = np.full_like(lp, -np.inf)
-                continue
-            valid = np.array([self._valid(s + (t,)) for t in range(self.v.vocab_size)])
-            lq = np.where(valid, lp, -np.inf)
-            if self.renormalize:
-                lq -= np.logaddexp.reduce(lq[valid])
-            self._logq[s] = lq
-
-    @functools.lru_cache(maxsize=None)
-    def _valid(self, seq: tuple[int, ...]) -> bool:
-        v = self.v
-        if seq and seq[-1] in v.stop_ids:
-            body = v.decode(seq[:-1])
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError:
-                return False
-            return brute_valid(v, list(seq[:-1]))
-        return brute_valid(v, list(seq))
-
-    def log_q_seq(self, seq: tuple[int, ...]) -> float:
-        self.logp([seq[:k] for k in range(len(seq))])
-        return float(sum(self._logq[seq[:k]][seq[k]] for k in range(len(seq))))
-
-    def next_byte(self, x: bytes) -> tuple[np.ndarray, float]:
-        """Unnormalized P(x b) for b in 0..255, P(x, end) at 256; and P(x) = sum over covers."""
-        v = self.v
-        n = len(x)
-        internal = []
-        stack = [()]
-        while stack:  # every token sequence whose bytes are a prefix of x
-            s = stack.pop()
-            internal.append(s)
-            y = v.decode(s)
-            for t in range(v.vocab_size):
-                if v.kinds[t] != SPECIAL and x.startswith(y + v.token_bytes[t]):
-                    stack.append(s + (t,))
-        self.logp(internal)
-        out = np.zeros(257)
-        p_x = 1.0 if n == 0 else 0.0
-        for s in internal:
-            y = v.decode(s)
-            w = math.exp(self.log_q_seq(s)) if s else 1.0
-            if w == 0:
-                continue
-            lq = self._logq[s]
-            if len(y) == n:
-                out[STOP] += w * sum(math.exp(lq[e]) for e in v.stop_ids)
-                if s:
-                    p_x += w  # covers ending exactly at the end of x
-            for t in range(v.vocab_size):
-                b = v.token_bytes[t]
-                if lq[t] == -np.inf or not b:
-                    continue
-                y2 = y + b
-                if len(y2) > n and y2.startswith(x):
-                    out[y2[n]] += w * math.exp(lq[t])
-                    if len(y) < n:
-                        p_x += w * math.exp(lq[t])
-        return out, p_x
+def toy_oracle(renormalize: bool = True) -> ByteOracle:
+    return ByteOracle(toy_byte_vocab(), *toy_byte_model(), renormalize=renormalize)
 
 
 PROMPTS = [b"", b"t", b"the", b"the c", b"the ca", b"the cat", b" thereaf", b"caf\xc3", b"a \xd0", "a \u0436".encode()]
@@ -131,13 +31,13 @@ PROMPTS = [b"", b"t", b"the", b"the c", b"the ca", b"the cat", b" thereaf", b"ca
 
 @pytest.fixture(scope="module")
 def oracle():
-    return Oracle()
+    return toy_oracle()
 
 
 @pytest.fixture(scope="module")
 def lm():
-    cfg, params = toy_model()
-    return ByteLM(cfg, params, toy_vocab())
+    cfg, params = toy_byte_model()
+    return ByteLM(cfg, params, toy_byte_vocab())
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -153,8 +53,8 @@ def test_next_byte_equals_brute_force(prompt, oracle, lm):
 
 def test_advancing_equals_restarting(lm):
     """Bytes appended one at a time give the distributions of a fresh reset."""
-    cfg, params = toy_model()
-    fresh = ByteLM(cfg, params, toy_vocab())
+    cfg, params = toy_byte_model()
+    fresh = ByteLM(cfg, params, toy_byte_vocab())
     lm.reset(b"th")
     for b in b"e cat\xc3\xa9 the":
         lm.advance(b)
@@ -166,7 +66,7 @@ def test_string_probability_is_canonical_token_probability(oracle, lm):
     """P_byte(text, then end) = Q(encode(text) + [EOS]); the prefix probability
     P_byte(text) = sum over covers, which counts, besides encode(text), every
     valid sequence whose last token runs past the end of the text."""
-    v = toy_vocab()
+    v = toy_byte_vocab()
     extra = []
     for text in [b"the cat", b"hat ", b"caf\xc3\xa9"]:
         lm.reset(b"")
@@ -190,10 +90,10 @@ def test_string_probability_is_canonical_token_probability(oracle, lm):
 @pytest.mark.parametrize("prompt", [b"the ca", b"caf\xc3"])
 def test_paper_mode_without_renormalization(prompt):
     """renormalize=False: Q = p masked to valid tokens, each next-byte distribution normalized."""
-    cfg, params = toy_model()
-    lm = ByteLM(cfg, params, toy_vocab(), renormalize=False)
+    cfg, params = toy_byte_model()
+    lm = ByteLM(cfg, params, toy_byte_vocab(), renormalize=False)
     lm.reset(prompt)
-    mass, _ = Oracle(renormalize=False).next_byte(prompt)
+    mass, _ = toy_oracle(renormalize=False).next_byte(prompt)
     np.testing.assert_allclose(lm.next_byte_probs(), mass / mass.sum(), atol=1e-6, rtol=0)
     assert lm.mass_ratio <= 1.0 + 1e-12  # the invalid mass after the text is dropped
 
@@ -201,8 +101,8 @@ def test_paper_mode_without_renormalization(prompt):
 def test_greedy_sampler_follows_argmax_and_stops_mid_token(lm):
     out = sample_bytes(lm, b"the c", max_new_bytes=5)
     # Replay: each byte is the argmax of the exact distribution at its prefix.
-    cfg, params = toy_model()
-    ref = ByteLM(cfg, params, toy_vocab())
+    cfg, params = toy_byte_model()
+    ref = ByteLM(cfg, params, toy_byte_vocab())
     ctx = b"the c"
     for k, b in enumerate(out.data):
         ref.reset(ctx)
@@ -221,25 +121,10 @@ def test_temperature_sampling_is_seeded(lm):
 
 def test_mixture_of_two_vocabularies():
     """Two models over different vocabularies mix at the byte level."""
-    import io
-    import random
-
-    import sentencepiece as spm
-
-    from tests.tokenize.test_byte_vocab import WORDS
-
-    rng = random.Random(1)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(300)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=buf, model_type="bpe", vocab_size=300,
-        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, character_coverage=1.0, minloglevel=2,
-    )
-    v2 = ByteVocab(buf.getvalue())
-    assert v2.vocab_size != toy_vocab().vocab_size
+    v2 = ByteVocab(toy_spm_proto(vocab_size=300, lines=300, words=10, seed=1))
+    assert v2.vocab_size != toy_byte_vocab().vocab_size
     cfg2 = mc.tiny(vocab_size=v2.vocab_size)
-    m1 = ByteLM(*toy_model(), toy_vocab())
+    m1 = ByteLM(*toy_byte_model(), toy_byte_vocab())
     m2 = ByteLM(cfg2, random_params(cfg2, seed=4), v2)
     mix = ByteMixture([m1, m2], [0.25, 0.75])
     mix.reset(b"the ca")
@@ -250,14 +135,14 @@ def test_mixture_of_two_vocabularies():
 
 # ------------------------------------------------------- token-level baselines
 def greedy_oracle(ids: list[int], n: int, first_allowed=None) -> list[int]:
-    cfg, params = toy_model()
-    v = toy_vocab()
+    cfg, params = toy_byte_model()
+    v = toy_byte_vocab()
     seq = [v.bos_id] + ids
     out = []
     for k in range(n):
         toks = np.zeros((1, 32), np.int32)  # one shape: padding after the sequence is never seen
         toks[0, : len(seq)] = seq
-        lg = np.asarray(_full_logits(cfg, params, jnp.asarray(toks)))[0, len(seq) - 1]
+        lg = np.asarray(batch_logits(cfg, params, toks))[0, len(seq) - 1]
         if k == 0 and first_allowed is not None:
             lg = np.where(first_allowed, lg, -np.inf)
         t = int(np.argmax(lg))
@@ -269,8 +154,8 @@ def greedy_oracle(ids: list[int], n: int, first_allowed=None) -> list[int]:
 
 
 def test_naive_completion_is_greedy_after_the_cut_tokens():
-    cfg, params = toy_model()
-    v = toy_vocab()
+    cfg, params = toy_byte_model()
+    v = toy_byte_vocab()
     got = complete_tokens(cfg, params, v, "the ca", 6)
     toks = greedy_oracle(v.sp.encode("the ca"), 6)
     want = b"".join(v.token_bytes[t] for t in toks)[:6]
@@ -278,8 +163,8 @@ def test_naive_completion_is_greedy_after_the_cut_tokens():
 
 
 def test_token_healing_regenerates_the_last_token():
-    cfg, params = toy_model()
-    v = toy_vocab()
+    cfg, params = toy_byte_model()
+    v = toy_byte_vocab()
     ids = v.sp.encode("the ca")
     heal = v.token_bytes[ids[-1]]
     allowed = np.array([v.kinds[t] != SPECIAL and v.token_bytes[t].startswith(heal) for t in range(v.vocab_size)])
@@ -292,8 +177,8 @@ def test_token_healing_regenerates_the_last_token():
 
 
 def test_stop_bytes_cut_the_completion():
-    cfg, params = toy_model()
-    v = toy_vocab()
+    cfg, params = toy_byte_model()
+    v = toy_byte_vocab()
     full = complete_tokens(cfg, params, v, "the", 12)
     stop = full.data[2:3]
     cut = complete_tokens(cfg, params, v, "the", 12, stop_bytes=stop)

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.model.test_decoder import random_params
-from tokax.decode.generate import Generator, generate_tokens
+from tokax.testing import random_params
+from tokax.decode.generate import Generator
+from tokax.decode.loop import decode
 from tokax.decode.sampling import SamplingParams
 from tokax.model import config as mc
 from tokax.model import kv_cache as kvc
@@ -73,12 +74,12 @@ def test_sampling_is_seeded_and_varies(gen):
 
 
 def test_compiles_once_per_bucket(gen):
-    before = generate_tokens._cache_size()
+    before = decode._cache_size()
     gen.generate([[1, 2, 3]], 10)  # prompt bucket 16, token bucket 16
-    mid = generate_tokens._cache_size()
+    mid = decode._cache_size()
     gen.generate([[4, 5, 6, 7, 8, 9]], 12)  # same buckets: no new compile
     gen.generate([[4, 5]], 3, sampling=SamplingParams.make(temperature=0.5, top_k=3))
-    assert generate_tokens._cache_size() == mid <= before + 1
+    assert decode._cache_size() == mid <= before + 1
 
 
 def test_errors(gen):
@@ -100,3 +101,20 @@ def test_greedy_screen_gives_the_same_tokens(gen):
     assert got == [greedy_by_full_forward(gen.cfg, gen.params, p, 12) for p in prompts]
     sp = SamplingParams.make(temperature=8.0)
     assert scr.generate(prompts, 12, sampling=sp, seed=3) == gen.generate(prompts, 12, sampling=sp, seed=3)
+
+
+def test_sampling_matches_the_exact_distribution():
+    """Sampled continuations (temperature, top-k and top-p together) follow the processed target
+    distribution, enumerated with the model (chi-square over the first three tokens); the same
+    test rejects samples drawn at another temperature (the negative control)."""
+    from tokax import testing as T
+
+    cfg, params = T.tiny_target()
+    gen = Generator(cfg, params, eos_ids=())
+    sp = T.sampling_params()
+    exact = T.exact_target_distribution(cfg, params, T.SAMPLE_PROMPT, T.N_SAMPLED, sp)
+    codes, _ = T.sampled_codes(gen, range(4), sp)
+    assert T.chi2_pvalue(codes, exact) > 0.01
+    hotter = SamplingParams.make(temperature=1.3, top_k=6, top_p=0.95)
+    wrong, _ = T.sampled_codes(gen, range(4), hotter)
+    assert T.chi2_pvalue(wrong, exact) < 1e-4

@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from tokax.decode.proposers.retrieval import CORPORA, GREEDY_CORPUS, build_table, corpus_table, greedy_corpus_docs
+from tokax.data.greedy import GREEDY_CORPUS, greedy_corpus_docs
+from tokax.decode.proposers.retrieval import CORPORA, build_table, corpus_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ASSET = os.path.join(ROOT, "tokax", "assets", GREEDY_CORPUS)

@@ -8,20 +8,25 @@ import jax
 import numpy as np
 import pytest
 
-from tests.decode.test_speculative import V, target  # noqa: F401  (the tiny target fixture)
+from tokax import testing as T
 from tokax.decode import proposers as P
 from tokax.decode.proposers.blockwise import init_heads
-from tokax.decode.proposers.retrieval import RetrievalTreeProposer, build_table
+from tokax.decode.proposers.retrieval import RetrievalTreeProposer
 from tokax.decode.replay import estimated_speedup, replay_greedy, tree_path_length
 from tokax.decode.speculative import SpeculativeGenerator
 from tokax.decode.tree_speculative import TreeSpeculativeGenerator
 
+V = T.TINY_VOCAB
 N = 24  # new tokens per prompt
 
 
+@pytest.fixture(scope="module")
+def target():
+    return T.tiny_target()
+
+
 def table():
-    rs = np.random.RandomState(11)
-    return build_table([rs.randint(0, V, size=60) for _ in range(40)], max_n=2, min_count=1)
+    return T.tiny_datastore()
 
 
 PROPOSERS = {

@@ -29,14 +29,13 @@ def gemma():
     return cfg, params, tok, Generator(cfg, params, tok).generate(PROMPTS, N_NEW)
 
 
-def test_every_config_method_name_is_run_here():
-    """configs/tree.py and its presets name methods of configs/speculative.py, run below."""
-    import configs.tree as tree_config
+def test_every_registered_method_is_run_here():
+    """configs/speculative.py has a block for every method of the registry, each run below."""
+    from tokax.decode import methods
 
-    assert set(tree_config.METHODS) <= set(spec_config.METHODS) == set(METHODS)
-    for preset in ("dyspec", "spectr", "token_recycling"):
-        mod = __import__(f"configs.{preset}", fromlist=["get_config"])
-        assert mod.get_config().method == preset and mod.get_config().job == "speculative"
+    assert set(spec_config.METHODS) == set(METHODS) == set(methods.METHODS)
+    c = spec_config.get_config()
+    assert all(c[name].to_dict() == methods.default_block(name).to_dict() for name in METHODS)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.decode.test_speculative import model_params
+from tokax.testing import model_params
 from tokax.decode import proposers as P
 from tokax.decode.proposers import kangaroo, specdec_pp
 from tokax.decode.sampling import SamplingParams, process_logits

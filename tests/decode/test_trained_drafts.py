@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokax.jobs.speculative import trained_path
+from tokax.decode.methods import trained_path
 from tokax.model.decoder import padded_positions
-from tokax.train.data import continuation_batch
+from tokax.data.greedy import continuation_batch
 
 N_DOCS = 32  # held-out documents
 CONT = 64
@@ -24,7 +24,7 @@ CONT = 64
 def setup():
     from tokax.model.loaders.gguf import load_gemma3
     from tokax.tokenize import load_gemma3_tokenizer
-    from tokax.train.data import greedy_code_pairs
+    from tokax.data.greedy import greedy_code_pairs
 
     cfg, params = load_gemma3("float32")
     pairs = greedy_code_pairs(load_gemma3_tokenizer())
@@ -43,7 +43,7 @@ def test_shipped_specdec_head_beats_the_constant_prior(setup):
 
     cfg, params, pairs = setup
     dcfg, dp = make_draft(cfg, params, "distilled")
-    head = load_params(trained_path("specdec_head", "trained"))
+    head = load_params(trained_path("head", "trained"))
     ys, ps = [], []
     for s in range(0, N_DOCS, 16):
         toks, lengths, at, nxt = continuation_batch(pairs[s:s + 16])
@@ -73,11 +73,11 @@ def test_shipped_kangaroo_adapter_agrees_with_the_target(setup):
     from tokax.decode.proposers.kangaroo import init_adapter, load_adapter, with_subset_head
 
     cfg, params, pairs = setup
-    import configs.speculative as spec_config
+    from tokax.decode.methods import default_block
 
-    n = spec_config.get_config("kangaroo").kangaroo_layers
+    n = default_block("kangaroo").layers
     prop = KangarooProposer.make(cfg, n)
-    trained = load_adapter(trained_path("kangaroo_adapter", "trained"), cfg, params, n)
+    trained = load_adapter(trained_path("adapter", "trained"), cfg, params, n)
     identity = with_subset_head(params, init_adapter(cfg, n, jax.random.PRNGKey(0), identity=True),
                                 trained["head_ids"])
 

@@ -1,9 +1,9 @@
 """Token trees on random tiny models: the tree pass equals scoring every
 root-to-node path alone with a plain causal forward; compaction to a path
-leaves the cache a plain prefill would; every tree method's greedy output is
-plain greedy decoding token for token (ragged batch, ragged acceptance); and
-sampled output follows the target's exact distribution (chi-square over the
-first three tokens, the distribution enumerated with the model)."""
+leaves the cache a plain prefill would; templates, stop tokens, vocabulary
+checks, Medusa's one-path tree against the blockwise chain, valid-first
+ordering and short passes. Every tree method's losslessness (greedy and
+sampled) is ``tests/decode/test_lossless.py``."""
 
 import dataclasses
 
@@ -12,19 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.decode.test_speculative import (
-    N_SAMPLED,
-    SAMPLE_PROMPT,
-    SAMPLING,
-    exact_target_distribution,
-    model_params,
-    ragged_prompts,
-)
-from tests.decode.test_verify import chi2_pvalue
+from tokax import testing as T
 from tokax.decode.generate import Generator
-from tokax.decode.proposers import tree_proposers as TP
+from tokax.decode import proposers as TP
 from tokax.decode.proposers.blockwise import init_heads
-from tokax.decode.proposers.retrieval import RetrievalTreeProposer, build_table
 from tokax.decode.tree import (Tree, TreeVerifier, block_mask, block_positions, compact_to_path, tree_depth,
                                valid_first)
 from tokax.decode.tree_speculative import TreeSpeculativeGenerator
@@ -32,40 +23,19 @@ from tokax.model import config as mc
 from tokax.model import kv_cache as kvc
 from tokax.model.decoder import forward, forward_jit
 
-V = 8
-B = 2048  # greedy and sampling calls share one compiled program per method
-METHODS = ["draft_tree", "dyspec", "token_recycling", "spectr", "medusa", "retrieval_tree"]
+V = T.TINY_VOCAB
 
 
 @pytest.fixture(scope="module")
 def target():
-    cfg = mc.tiny(vocab_size=V)
-    return cfg, model_params(cfg, seed=21)
+    return T.tiny_target()
 
 
 @pytest.fixture(scope="module")
-def draft():
-    dcfg = mc.tiny(vocab_size=V, n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, ffn_dim=32)
-    return dcfg, model_params(dcfg, seed=5)
-
-
-@pytest.fixture(scope="module")
-def generators(target, draft):
+def plain_greedy(target):
     cfg, params = target
-    dcfg, dparams = draft
-    made = {
-        "draft_tree": (TP.DraftTreeProposer.from_branching(dcfg, (3, 2, 1)), dparams),
-        "dyspec": (TP.DySpecProposer(dcfg, n_nodes=8, rounds=3, max_children=3), dparams),
-        "token_recycling": (TP.TokenRecyclingProposer(V, k=3, parents=TP.template_from_branching((3, 2, 1))), None),
-        "spectr": (TP.SpecTrProposer(dcfg, k=3, length=3), dparams),
-        # Medusa: the blockwise heads' top-k tree from the target's own hidden state (random heads)
-        "medusa": (TP.MedusaTreeProposer(topk=(3, 2, 1)), init_heads(cfg.d_model, 3, jax.random.PRNGKey(3), scale=1.0)),
-        # Retrieval as a tree: prompt lookup, a datastore of random documents and its runner-up.
-        "retrieval_tree": (RetrievalTreeProposer(branches=(3, 2, 1), max_ngram=2, min_conf=0.2, alt_min_conf=0.05),
-                           build_table(list(np.random.RandomState(11).randint(0, V, size=(40, 60))), max_n=2,
-                                       min_count=1)),
-    }
-    return {m: TreeSpeculativeGenerator(cfg, params, prop, pp, eos_ids=()) for m, (prop, pp) in made.items()}
+    base, budgets = T.ragged_prompts()
+    return Generator(cfg, params, eos_ids=()).generate(base, budgets)
 
 
 # ----------------------------------------------------------------------------
@@ -106,7 +76,7 @@ def test_tree_pass_equals_per_path_forward():
     a cache-free causal forward over prompt + its root path (prompts longer
     than the sliding window, ragged lengths, one row not live)."""
     cfg = mc.tiny(vocab_size=32)
-    params = model_params(cfg, seed=2)
+    params = T.model_params(cfg, seed=2)
     rs = np.random.RandomState(0)
     rows, P, N = 3, 14, 12
     lens = np.array([14, 9, 11], np.int32)
@@ -188,76 +158,11 @@ def test_templates():
 
 
 # ----------------------------------------------------------------------------
-# Lossless decoding, end to end.
-
-
-@pytest.fixture(scope="module")
-def plain_greedy(target):
-    cfg, params = target
-    base, budgets = ragged_prompts()
-    return Generator(cfg, params, eos_ids=()).generate(base, budgets)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_greedy_equals_plain_greedy(generators, plain_greedy, method):
-    base, budgets = ragged_prompts()
-    reps = B // len(base)
-    outs, st = generators[method].generate(base * reps, budgets * reps)
-    for i, row in enumerate(outs):
-        assert row == plain_greedy[i % len(base)], (method, i)
-    st = st[: len(base)]
-    proposed, accepted, passes = (np.array([s[k] for s in st]) for k in ("proposed", "accepted", "target_passes"))
-    hist = np.array([s["accepted_hist"] for s in st])
-    D = generators[method].proposer.max_depth
-    assert (accepted <= proposed).all() and (hist.sum(1) == passes).all()
-    # Each pass emits n_acc + 1 tokens, the last one possibly cut at the budget.
-    assert ((accepted + passes >= budgets) & (accepted + passes - budgets <= D)).all()
-    assert accepted.sum() > 0 and len(set(accepted.tolist())) > 1  # rows advance by different amounts
-    assert hist[:, 2:].sum() > 0  # paths deeper than one node were accepted
-
-
-def sampled_codes(gen, seeds):
-    codes, st_all = [], []
-    for seed in seeds:
-        outs, st = gen.generate([SAMPLE_PROMPT] * B, N_SAMPLED, SAMPLING, seed=seed)
-        arr = np.array(outs)
-        assert arr.shape == (B, N_SAMPLED)
-        codes.append(np.ravel_multi_index(arr.T, (V,) * N_SAMPLED))
-        st_all += st
-    return np.concatenate(codes), st_all
-
-
-@pytest.fixture(scope="module")
-def exact(target):
-    cfg, params = target
-    p = exact_target_distribution(cfg, params, SAMPLE_PROMPT, N_SAMPLED, SAMPLING)
-    assert abs(p.sum() - 1) < 1e-5
-    return p
-
-
-@pytest.mark.parametrize("method", ["draft_tree", "dyspec", "spectr", "medusa", "retrieval_tree"])
-def test_sampling_matches_target_distribution(generators, exact, method):
-    codes, st = sampled_codes(generators[method], seeds=range(3))
-    accepted = sum(s["accepted"] for s in st)
-    passes = sum(s["target_passes"] for s in st)
-    assert 0 < accepted < passes * generators[method].proposer.max_depth  # accept and reject paths both taken
-    assert chi2_pvalue(codes, exact) > 0.01
-
-
-@pytest.mark.slow  # a second compile; tests/decode/test_tree_verify.py has the fast negative controls
-def test_wrong_tree_rule_fails(target, generators, exact):
-    """Negative control: not updating the residual between siblings."""
-    cfg, params = target
-    good = generators["draft_tree"]
-    wrong = TreeSpeculativeGenerator(cfg, params, good.proposer, good.pparams, eos_ids=(),
-                                     verifier=TreeVerifier(update_residual=False))
-    codes, _ = sampled_codes(wrong, seeds=range(3))
-    assert chi2_pvalue(codes, exact) < 1e-3
-
+# The loop end to end.
 
 def test_stop_token_ends_rows_like_plain(target, plain_greedy):
     cfg, params = target
-    base, budgets = ragged_prompts()
+    base, budgets = T.ragged_prompts()
     eos = next(t for t in range(V) if any(t in r[1:-1] and t != r[0] for r in plain_greedy))
     ref = [row[: row.index(eos) + 1] if eos in row else row for row in plain_greedy]
     assert any(1 < len(r) < b for r, b in zip(ref, budgets))
@@ -283,7 +188,7 @@ def test_medusa_chain_tree_matches_blockwise_chain(target):
 
     cfg, params = target
     heads = init_heads(cfg.d_model, 3, jax.random.PRNGKey(5), scale=0.7)
-    base, budgets = ragged_prompts()
+    base, budgets = T.ragged_prompts()
     tree_gen = TreeSpeculativeGenerator(cfg, params, TP.MedusaTreeProposer(topk=(1, 1, 1)), heads, eos_ids=())
     chain_gen = SpeculativeGenerator(cfg, params, BlockwiseProposer(k=3, sample_drafts=False), heads, eos_ids=())
     t_out, t_st = tree_gen.generate(base, budgets)
@@ -318,7 +223,7 @@ def test_valid_first_keeps_paths_and_sibling_order():
 
 
 @dataclasses.dataclass(frozen=True)
-class _LastNodeOracle:
+class _LastNodeOracle(TP.TreeProposer):
     """Test proposer: three children of the root, the last one the target's greedy token (from a
     cache-free forward), the first two wrong. Greedy verification accepts the last valid node
     every round, so the next token comes from that node's score in the pass."""
@@ -347,7 +252,7 @@ def test_short_passes_score_the_last_valid_node(target, plain_greedy):
     """With variable pass lengths the pass always reaches the last valid node: a proposer whose
     accepted node is always the last one still reproduces plain greedy, accepting every round."""
     cfg, params = target
-    base, budgets = ragged_prompts()
+    base, budgets = T.ragged_prompts()
     gen = TreeSpeculativeGenerator(cfg, params, _LastNodeOracle(cfg), None, eos_ids=())
     assert gen.verify_sizes == (1, 2, 3, 4)
     out, stats = gen.generate(base, budgets)

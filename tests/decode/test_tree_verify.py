@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.decode.test_verify import chi2_pvalue
+from tokax.testing import chi2_pvalue
 from tokax.decode.sampling import SamplingParams, process_logits
 from tokax.decode.tree import SpecTrVerifier, Tree, greedy_tree_verify, sampling_tree_verify, spectr_rho
 

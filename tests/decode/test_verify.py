@@ -6,50 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
-
 from tokax.decode.sampling import SamplingParams, process_logits
-from tokax.decode.verify import draft_probs, greedy_verify, leading_true, sampling_verify
-
-
-def chi2_pvalue(samples: np.ndarray, probs: np.ndarray) -> float:
-    """Chi-square goodness of fit of integer ``samples`` to ``probs``; cells
-    with expected count < 5 are pooled. A sample in a zero-probability cell
-    gives p = 0."""
-    n = len(samples)
-    counts = np.bincount(samples, minlength=len(probs)).astype(np.float64)
-    probs = np.asarray(probs, np.float64)
-    if counts[probs <= 0].sum() > 0:
-        return 0.0
-    exp = probs * n
-    small = exp < 5
-    obs_c = np.append(counts[~small], counts[small].sum())
-    exp_c = np.append(exp[~small], exp[small].sum())
-    if exp_c[-1] == 0:
-        obs_c, exp_c = obs_c[:-1], exp_c[:-1]
-    exp_c *= obs_c.sum() / exp_c.sum()  # float round-off only
-    return float(stats.chisquare(obs_c, exp_c).pvalue)
-
-
-def always_accept_verify(p_logits, drafts, n_draft, q_logits, sp, rng):
-    """WRONG: accept every draft (the output follows q, not p)."""
-    p = jax.nn.softmax(process_logits(p_logits, sp), -1)
-    nxt = jax.random.categorical(rng, jnp.log(jnp.take_along_axis(p, n_draft[:, None, None], 1)[:, 0]), -1)
-    return n_draft, nxt.astype(jnp.int32)
-
-
-def resample_from_p_verify(p_logits, drafts, n_draft, q_logits, sp, rng):
-    """WRONG: accept with min(1, p/q) but resample from p instead of norm(max(0, p - q))."""
-    B, K = drafts.shape
-    k1, k2 = jax.random.split(rng)
-    p = jax.nn.softmax(process_logits(p_logits, sp), -1)
-    q = draft_probs(drafts, q_logits, p.shape[-1], sp)
-    px = jnp.take_along_axis(p[:, :K], drafts[..., None], -1)[..., 0]
-    qx = jnp.take_along_axis(q, drafts[..., None], -1)[..., 0]
-    ok = (jax.random.uniform(k1, (B, K)) * qx < px) & (jnp.arange(K)[None] < n_draft[:, None])
-    n_acc = leading_true(ok)
-    p_n = jnp.take_along_axis(p, n_acc[:, None, None], 1)[:, 0]
-    return n_acc, jax.random.categorical(k2, jnp.log(p_n), -1).astype(jnp.int32)
+from tokax.decode.verify import greedy_verify, sampling_verify
+from tokax.testing import always_accept_verify, chi2_pvalue, resample_from_p_verify
 
 
 def test_greedy_verify_matches_loop():
@@ -153,7 +112,7 @@ def test_verifiers_declare_their_greedy_path():
 def test_an_undeclared_verifier_gets_logits_under_the_screen():
     """A custom verifier without ``greedy_path`` (here: never accept, emit the argmax) receives the
     float32 logits even with the screen on, and its output is still plain greedy's."""
-    from tests.decode.test_speculative import model_params
+    from tokax.testing import model_params
     from tokax.decode.generate import Generator
     from tokax.decode.proposers import PromptLookupProposer
     from tokax.decode.speculative import SpeculativeGenerator

@@ -8,16 +8,8 @@ import pytest
 from tests.model import numpy_reference
 from tokax.model import config as mc
 from tokax.model import kv_cache as kvc
-from tokax.model.decoder import forward_jit as forward, init_params
-
-
-def random_params(cfg, seed=0):
-    """init_params, with the norm weights perturbed too so (1 + w) is exercised."""
-    params = init_params(cfg, jax.random.PRNGKey(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    leaves = [a + 0.3 * jax.random.normal(k, a.shape, a.dtype) if a.ndim == 1 else a for a, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, leaves)
+from tokax.model.decoder import forward_jit as forward
+from tokax.testing import random_params
 
 
 def full_logits(cfg, params, tokens):

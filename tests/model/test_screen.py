@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.decode.test_speculative import model_params
+from tokax.testing import model_params
 from tokax.decode import proposers as P
 from tokax.decode.generate import Generator
-from tokax.decode.proposers.tree_proposers import DySpecProposer, SpecTrProposer
+from tokax.decode.proposers import DySpecProposer, SpecTrProposer
 from tokax.decode.sampling import SamplingParams
 from tokax.decode.speculative import SpeculativeGenerator
 from tokax.decode.tree_speculative import TreeSpeculativeGenerator

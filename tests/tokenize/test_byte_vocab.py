@@ -4,7 +4,6 @@ candidate), on a BPE vocabulary trained here and (slow) on Gemma 3's."""
 
 from __future__ import annotations
 
-import functools
 import io
 import random
 
@@ -12,79 +11,17 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from tokax.testing import TOY_WORDS as WORDS
+from tokax.testing import brute_valid, random_toy_texts, toy_byte_vocab, toy_spm_proto
 from tokax.tokenize.byte_vocab import BYTE, SPECIAL, TEXT, ByteVocab, split_utf8, trailing_fragment
 
-WORDS = (
-    "the cat sat on the mat . then the cats ate the hat ; that hat is the best hat "
-    "thereafter . café naïve über the theme then"
-).split()
+toy_model_proto = toy_spm_proto
+toy_vocab = toy_byte_vocab
+random_texts = random_toy_texts
 
 
-@functools.lru_cache(maxsize=1)
-def toy_model_proto() -> bytes:
-    """A byte-fallback BPE sentencepiece model (330 pieces, 256 of them bytes)
-    that writes text as is, like Gemma's: no dummy prefix, identity normalizer."""
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=buf, model_type="bpe", vocab_size=330,
-        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
-        pad_id=-1, minloglevel=2,
-    )
-    return buf.getvalue()
-
-
-@functools.lru_cache(maxsize=1)
-def toy_vocab() -> ByteVocab:
-    return ByteVocab(toy_model_proto())
-
-
-ALPHABET = list("thecasmoniöжé .;") + ["\u4e2d"]  # ö, ж and 中 are not in the vocabulary: byte fallback
-
-
-def random_texts(n: int, seed: int = 0, max_len: int = 12) -> list[str]:
-    rng = random.Random(seed)
-    return ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, max_len))) for _ in range(n)]
-
-
-# ------------------------------------------------------------------ reference
 def sp_of(v: ByteVocab) -> spm.SentencePieceProcessor:
     return v.sp
-
-
-def brute_valid(v: ByteVocab, ids: list[int]) -> bool:
-    """Is `ids` a prefix of sp's encoding of some text? A trailing incomplete
-    character is completed by trying every character that starts with it."""
-    sp = sp_of(v)
-    pieces = [sp.id_to_piece(i) for i in ids]
-    if any(sp.is_control(i) or sp.is_unknown(i) for i in ids):
-        return False
-    data = b"".join(bytes([int(p[3:5], 16)]) if sp.is_byte(i) else p.replace("\u2581", " ").encode() for p, i in zip(pieces, ids))
-    try:
-        return sp.encode(data.decode("utf-8")) == ids
-    except UnicodeDecodeError as e:
-        if e.reason != "unexpected end of data":
-            return False
-        head, frag = data[: e.start], data[e.start :]
-        # Try every character whose UTF-8 starts with the fragment, in code point order.
-        n = 2 if frag[0] >> 5 == 6 else 3 if frag[0] >> 4 == 14 else 4
-        lo = hi = frag[0] & (0x7F >> n)
-        for k in range(1, n):
-            c = frag[k] & 0x3F if k < len(frag) else None
-            lo = (lo << 6) | (0 if c is None else c)
-            hi = (hi << 6) | (0x3F if c is None else c)
-        for cp in range(lo, min(hi, 0x10FFFF) + 1):
-            if 0xD800 <= cp <= 0xDFFF:
-                continue
-            cb = chr(cp).encode("utf-8")
-            if not cb.startswith(frag):
-                continue
-            want = ids + [sp.piece_to_id(f"<0x{b:02X}>") for b in cb[len(frag) :]]
-            if sp.encode(head.decode("utf-8") + chr(cp)) == want:
-                return True
-        return False
 
 
 # ---------------------------------------------------------------------- tests

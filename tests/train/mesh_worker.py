@@ -27,7 +27,8 @@ from tokax.model.config import tiny  # noqa: E402
 from tokax.model.decoder import init_params  # noqa: E402
 from tokax.train import sharding as shd  # noqa: E402
 from tokax.train.checkpoint import Checkpointer, abstract_state  # noqa: E402
-from tokax.train.trainer import StepSpec, build_optimizer, init_train_state, make_train_step  # noqa: E402
+from tokax.train.optim import build_optimizer  # noqa: E402
+from tokax.train.step import StepSpec, init_train_state, make_train_step  # noqa: E402
 
 LAYOUTS = {
     "single": None,

@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 from tokax.model.config import tiny
 from tokax.model.decoder import init_params
 from tokax.train.checkpoint import Checkpointer, restore_params
-from tokax.train.trainer import StepSpec, build_optimizer, init_train_state
+from tokax.train.optim import build_optimizer
+from tokax.train.step import StepSpec, init_train_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -8,21 +8,24 @@ import os
 import numpy as np
 import pytest
 
+from tokax.data.preference import build_code_preference_task, preference_to_unpaired
+from tokax.data.stdlib import function_prefixes, read_source, split_of, stdlib_files, stdlib_root
+from tokax.tokenize import train_code_tokenizer
 from tokax.train import data as D
 
 TOK = D.ByteTokenizer()
 
 
 def test_stdlib_split_is_fixed_and_disjoint():
-    train, ev = D.stdlib_files("train"), D.stdlib_files("eval")
+    train, ev = stdlib_files("train"), stdlib_files("eval")
     assert len(train) > 200 and 10 < len(ev) < len(train) / 5
     assert not set(train) & set(ev)
     assert all(f.endswith(".py") and "site-packages" not in f and os.sep + "test" + os.sep not in f for f in train + ev)
-    root = D.stdlib_root()
+    root = stdlib_root()
     # the split is a pure function of the relative path
     for f in ev[:20]:
-        assert D.split_of(os.path.relpath(f, root)) == "eval"
-    assert D.stdlib_files("train") == train
+        assert split_of(os.path.relpath(f, root)) == "eval"
+    assert stdlib_files("train") == train
 
 
 def test_packed_iterator_fields_against_brute_force():
@@ -135,9 +138,9 @@ def test_unpaired_rows_and_kto_mismatched_pairs():
 
 
 def test_code_preference_task_is_deterministic_and_well_formed():
-    a = D.build_code_preference_task("eval", n=40, seed=0)
-    b = D.build_code_preference_task("eval", n=40, seed=0)
-    c = D.build_code_preference_task("eval", n=40, seed=1)
+    a = build_code_preference_task("eval", n=40, seed=0)
+    b = build_code_preference_task("eval", n=40, seed=0)
+    c = build_code_preference_task("eval", n=40, seed=1)
     assert a == b and a != c and len(a) == 40
     kinds = {e["kind"] for e in a}
     assert kinds == {"other_function", "shuffled"}
@@ -147,14 +150,14 @@ def test_code_preference_task_is_deterministic_and_well_formed():
         assert ind(e["chosen"]) == ind(e["rejected"])  # indentation gives nothing away
         if e["kind"] == "shuffled":
             assert sorted(e["chosen"].split()) == sorted(e["rejected"].split())
-    un = D.preference_to_unpaired(a)
+    un = preference_to_unpaired(a)
     assert [u["label"] for u in un[:4]] == [True, False, True, False]
     assert un[1]["completion"] == a[1]["rejected"]
 
 
 def test_sentencepiece_tokenizer_trains_and_roundtrips(tmp_path):
-    texts = [D._read(f) for f in D.stdlib_files("train")[:40]]
-    tok = D.train_code_tokenizer(texts, 400, tmp_path / "t.model")
+    texts = [read_source(f) for f in stdlib_files("train")[:40]]
+    tok = train_code_tokenizer(texts, 400, tmp_path / "t.model")
     assert tok.vocab_size == 400 and (tmp_path / "t.model").exists()
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3)
     src = "def f(x):\n    return x + 1  # ünïcode\n"
@@ -172,17 +175,17 @@ def test_function_prefixes(tmp_path):
         + 'def second():\n    """Another."""\n' + body)
     (tmp_path / "b.py").write_text("def broken(:\n")  # does not parse: skipped
     paths = [str(tmp_path / "a.py"), str(tmp_path / "b.py")]
-    got = D.function_prefixes(paths)
+    got = function_prefixes(paths)
     # in ast.walk order (breadth first: top-level functions, then methods); 14 lines each -> the
     # first 4, dedented
     assert got == ['def second():\n    """Another."""\n    x0 = 0\n    x1 = 1\n',
                    'def method(self):\n    """Doc line."""\n    x0 = 0\n    x1 = 1\n']
-    assert D.function_prefixes(paths, per_file=1) == got[:1]
-    assert D.function_prefixes(paths, min_lines=3)[0].startswith("def short():")
+    assert function_prefixes(paths, per_file=1) == got[:1]
+    assert function_prefixes(paths, min_lines=3)[0].startswith("def short():")
 
 
 def test_continuation_batch():
-    from tokax.train.data import continuation_batch
+    from tokax.data.greedy import continuation_batch
 
     pairs = [(np.array([5, 6, 7]), np.array([1, 2])), (np.array([9]), np.array([3, 4]))]
     toks, lengths, at, nxt = continuation_batch(pairs)

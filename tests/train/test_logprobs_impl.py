@@ -7,7 +7,7 @@ import numpy as np
 
 from tokax.model import config as mc
 from tokax.model.decoder import init_params
-from tokax.train.trainer import StepSpec, make_loss_fn
+from tokax.train.step import StepSpec, make_loss_fn
 
 
 def test_chunked_kernel_matches_full_softmax(monkeypatch):

@@ -12,7 +12,8 @@ import pytest
 from tokax.model import lora as L
 from tokax.model.config import tiny
 from tokax.model.decoder import forward, init_params
-from tokax.train.trainer import StepSpec, build_optimizer, init_train_state, make_loss_fn
+from tokax.train.optim import build_optimizer
+from tokax.train.step import StepSpec, init_train_state, make_loss_fn
 
 CFG = tiny(vocab_size=48, n_layers=2)
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")

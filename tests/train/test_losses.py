@@ -475,6 +475,20 @@ def test_registry_covers_every_loss_with_one_interface():
         get_loss("dpoo")
 
 
+def test_loss_info_declarations_agree_with_fields_and_inputs():
+    """What a loss declares it needs from the train step matches the batch fields and per-step
+    inputs it reads, so the step (which tests only the declarations) builds what the loss reads."""
+    for name, info in LOSS_INFO.items():
+        assert info.needs_teacher == ("token_kl" in info.required), name
+        assert info.needs_kl_pairs == ("kl_estimate" in info.extra_inputs), name
+        assert info.needs_running_mean == ("delta" in info.extra_inputs), name
+        assert info.needs_contrastive_rewards == ("chosen_token_rewards" in info.required), name
+        assert info.needs_kl_grad == ("chosen_kl" in info.required), name
+        assert not info.head_subset or info.needs_teacher, name  # the subset is the teacher's too
+        if info.needs_kl_pairs or info.needs_running_mean or info.needs_contrastive_rewards or info.needs_kl_grad:
+            assert info.needs_reference, name
+
+
 def test_empty_completion_raises_naming_the_field():
     pref = _example_batches()["paired"]
     bad = PreferenceBatch(**{**pref.__dict__, "chosen_counts": pref.chosen_counts.at[2].set(0.0)})

@@ -47,7 +47,8 @@ from tokax.kernels.ring_attention import to_layout  # noqa: E402
 from tokax.model.config import tiny  # noqa: E402
 from tokax.model.decoder import init_params  # noqa: E402
 from tokax.train import sharding as shd  # noqa: E402
-from tokax.train.trainer import StepSpec, build_optimizer, init_train_state, make_loss_fn, make_train_step  # noqa: E402
+from tokax.train.optim import build_optimizer  # noqa: E402
+from tokax.train.step import StepSpec, init_train_state, make_loss_fn, make_train_step  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 RULES = shd.DEFAULT_RULES

@@ -40,11 +40,12 @@ def tree_path_length(tokens, parents, valid, ref) -> int:
 
 def default_sizes(proposer) -> tuple[int, ...]:
     """The verify-pass lengths the loop uses for ``proposer`` by default."""
-    from tokax.decode.speculative import verify_block_sizes
+    from tokax.decode.loop import verify_block_sizes
 
-    if hasattr(proposer, "n_nodes"):
-        return tuple(proposer.verify_sizes)
-    return verify_block_sizes(proposer.k, None, getattr(proposer, "can_be_empty", True))
+    if proposer.kind == "tree":
+        sizes = proposer.verify_sizes
+        return tuple(sizes) if sizes is not None else (1 + proposer.n_nodes,)
+    return verify_block_sizes(proposer.k, None, proposer.can_be_empty)
 
 
 def replay_greedy(proposer, pparams, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
@@ -58,13 +59,13 @@ def replay_greedy(proposer, pparams, prompts: Sequence[Sequence[int]], outputs: 
     Returns ``tokens_per_pass``, ``passes``, per-row ``row_passes``, ``mean_accepted_per_pass``,
     ``drafted_per_pass``, ``empty_rounds`` (share of rounds with no draft) and ``pass_lengths``
     (rounds per verify-pass length)."""
-    if getattr(proposer, "uses_target_hidden", False):
+    if proposer.reads_target_hidden:
         raise ValueError(f"{type(proposer).__name__} drafts from the target's hidden states: it cannot be replayed")
     B = len(prompts)
     N = len(outputs[0])
     if B == 0 or any(len(o) != N for o in outputs):
         raise ValueError("replay_greedy: need at least one prompt and outputs of one length")
-    is_tree = hasattr(proposer, "n_nodes")
+    is_tree = proposer.kind == "tree"
     sizes = tuple(sizes or default_sizes(proposer))
     K = proposer.max_depth if is_tree else proposer.k
     if cap and 1 + min(cap, proposer.n_nodes if is_tree else K) > max(sizes):
@@ -78,7 +79,7 @@ def replay_greedy(proposer, pparams, prompts: Sequence[Sequence[int]], outputs: 
     sp = SamplingParams.make(temperature=0.0)
     st = proposer.init(None, pparams, jnp.asarray(seq), jnp.asarray(plen), S)
     propose = jax.jit(lambda st, ctx: proposer.propose(None, pparams, st, ctx, sp, jax.random.PRNGKey(0)))
-    update = jax.jit(proposer.update) if hasattr(proposer, "update") else None  # tree proposers keep none
+    update = None if is_tree else jax.jit(proposer.update)  # tree proposers keep no update
     passes, drafted, empty = (np.zeros(B, np.int64) for _ in range(3))
     pass_len: dict[int, int] = {}
     while (done < N).any():

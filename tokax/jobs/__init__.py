@@ -14,7 +14,8 @@ import os
 
 from tokax.errors import ConfigError, InputError, check
 
-__all__ = ["ConfigError", "InputError", "check", "load_prompts", "check_decoding", "check_context", "check_progress"]
+__all__ = ["ConfigError", "InputError", "check", "load_prompts", "check_decoding", "check_context", "check_progress",
+           "load_decoding", "print_row"]
 
 
 def _read_text(path: str, key: str, hint: str = "save the file as UTF-8") -> str:
@@ -112,3 +113,41 @@ def check_context(c, prompt_tokens: list[int], max_seq_len: int, extra: int = 0,
             f"{longest} tokens (padded to {bucket(longest)}), and with {bucket(c.max_new_tokens)} new-token slots"
             f"{more} the cache needs {need} > the model's max_seq_len={max_seq_len}; lower max_new_tokens or "
             f"shorten the prompt")
+
+
+def load_decoding(c):
+    """What every Gemma decoding job loads first, in the order that fails fastest: the prompts
+    (checked), the tokenizer and the prompts' lengths (the context check), then the model.
+    Returns ``(prompts, lengths, tokenizer, cfg, params, seconds)``."""
+    import time
+
+    from tokax.model.config import gemma3_270m
+    from tokax.model.loaders.gguf import load_gemma3
+    from tokax.tokenize import load_gemma3_tokenizer
+
+    prompts = load_prompts(c.prompts_file)
+    t0 = time.perf_counter()
+    tok = load_gemma3_tokenizer()
+    lengths = [len(tok.encode(p, add_bos=True)) for p in prompts]
+    check_context(c, lengths, gemma3_270m().max_seq_len)
+    cfg, params = load_gemma3(c.dtype, progress=c.get("progress", None))
+    return prompts, lengths, tok, cfg, params, time.perf_counter() - t0
+
+
+def print_row(row: dict, as_json: bool, shown: str | None = None, extra: str = "") -> None:
+    """One result on stdout: a JSON line, or the prompt with its continuation (bold on a
+    terminal) and ``extra`` (a method's statistics), written so that a progress bar on stderr
+    stays intact."""
+    import json
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from tokax.console import emphasize
+
+    if as_json:
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+        return
+    p = row["prompt"]
+    tail = f"\n{extra}" if extra else ""
+    tqdm.write(f"\n--- prompt: {p!r}\n{p if shown is None else shown}{emphasize(row['text'])}{tail}", file=sys.stdout)

@@ -10,11 +10,9 @@ given as ``{"hex": "..."}`` (raw bytes, e.g. cut inside a character); its row's
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
-from tokax.jobs import check, check_progress, load_prompts
+from tokax.jobs import check, check_progress, load_prompts, print_row
 
 MODES = ("byte", "naive", "token_healing")
 
@@ -55,7 +53,7 @@ def run(c) -> list[dict]:
     """Complete every prompt in ``c.prompts_file``; returns the rows it prints."""
     from tqdm.auto import tqdm
 
-    from tokax.console import emphasize, note, progress_disabled
+    from tokax.console import note, progress_disabled
     from tokax.decode.byte_level import ByteLM
     from tokax.model.loaders.gguf import load_gemma3
     from tokax.tokenize import load_gemma3_tokenizer
@@ -74,9 +72,6 @@ def run(c) -> list[dict]:
     for i, p in enumerate(tqdm(prompts, desc=c.mode, unit="prompt", disable=progress_disabled(c.get("progress", None)))):
         row = complete(c, cfg, params, vocab, p, c.seed + i, lm)
         rows.append(row)
-        if quiet:
-            print(json.dumps(row, ensure_ascii=False), flush=True)
-        else:
-            shown = p.decode("utf-8", errors="replace") if isinstance(p, bytes) else p
-            tqdm.write(f"\n--- prompt: {p!r}\n{shown}{emphasize(row['text'])}\n{row['stats']}", file=sys.stdout)
+        shown = p.decode("utf-8", errors="replace") if isinstance(p, bytes) else p
+        print_row(row, quiet, shown=shown, extra=str(row["stats"]))
     return rows

@@ -5,11 +5,9 @@ status lines and the progress bar go to stderr."""
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
-from tokax.jobs import check_context, check_decoding, load_prompts
+from tokax.jobs import check_decoding, load_decoding, print_row
 
 
 def validate(c) -> None:
@@ -21,27 +19,18 @@ def run(c, demo: bool = False) -> list[dict]:
     comparison with the speculative methods of ``c.compare_methods``."""
     from tqdm.auto import tqdm
 
-    from tokax.console import emphasize, note, progress_disabled
+    from tokax.console import note, progress_disabled
     from tokax.decode.generate import Generator, bucket
     from tokax.decode.sampling import SamplingParams
-    from tokax.model.loaders.gguf import load_gemma3
-    from tokax.tokenize import load_gemma3_tokenizer
 
     validate(c)
-    prompts = load_prompts(c.prompts_file)
+    prompts, lengths, tok, cfg, params, secs = load_decoding(c)
     sp = SamplingParams.make(c.temperature, c.top_k, c.top_p, c.min_p)
     quiet = c.json  # results as JSON lines on stdout; status lines and bars still go to stderr
     disable = progress_disabled(c.get("progress", None))
-    t0 = time.perf_counter()
-    tok = load_gemma3_tokenizer()
-    lengths = [len(tok.encode(p, add_bos=True)) for p in prompts]
-    from tokax.model.config import gemma3_270m
-
-    check_context(c, lengths, gemma3_270m().max_seq_len)
-    cfg, params = load_gemma3(c.dtype, progress=c.get("progress", None))
     # Greedy tokens through the bf16 screen of the unembedding (same tokens; float32 only).
     gen = Generator(cfg, params, tok, greedy_screen=bool(c.get("greedy_screen", False)) and cfg.dtype == "float32")
-    note("tokax.generate", f"loaded {cfg.name} ({c.dtype}) in {time.perf_counter() - t0:.1f}s; {len(prompts)} "
+    note("tokax.generate", f"loaded {cfg.name} ({c.dtype}) in {secs:.1f}s; {len(prompts)} "
          f"prompt(s), longest {max(lengths)} tokens, {c.max_new_tokens} new tokens each")
     rows, n_tok, t_gen = [], 0, 0.0
     # One padded prompt length for every batch: one compiled program.
@@ -58,10 +47,7 @@ def run(c, demo: bool = False) -> list[dict]:
             n_tok += len(ids)
             row = {"prompt": p, "token_ids": ids, "text": tok.decode(ids, skip_special_tokens=True)}
             rows.append(row)
-            if quiet:
-                print(json.dumps(row, ensure_ascii=False), flush=True)
-            else:
-                tqdm.write(f"\n--- prompt: {p!r}\n{p}{emphasize(row['text'])}", file=sys.stdout)
+            print_row(row, quiet)
     note("tokax.generate",
          f"{n_tok} tokens in {t_gen:.2f}s = {n_tok / max(t_gen, 1e-9):.1f} tokens/s (batch {c.batch_size}, "
          f"{c.dtype}, {'compile excluded' if demo else 'first batch includes compile'})")

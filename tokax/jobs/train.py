@@ -64,7 +64,7 @@ def _check_loss(c) -> None:
 
 def check_examples_file(path: str, key: str) -> None:
     """A preference data file: JSONL, each line {prompt, chosen, rejected} or {prompt, completion, label}."""
-    from tokax.train.data import read_jsonl
+    from tokax.data.preference import read_jsonl
 
     try:
         rows = read_jsonl(path)
@@ -157,12 +157,15 @@ def validate(c) -> None:
     check(c.keep_checkpoints >= 1, "keep_checkpoints", c.keep_checkpoints, "must be >= 1 (checkpoints kept)")
     check_progress(c)
 
+    from tokax.train.losses import LOSS_INFO
+
+    info = LOSS_INFO[c.loss]
     head_vocab = c.get("head_vocab", 0) or 0
     check(head_vocab >= 0, "head_vocab", head_vocab, "must be >= 0 (0: the full vocabulary)")
-    check(not head_vocab or c.loss == "distill", "head_vocab", head_vocab,
+    check(not head_vocab or info.head_subset, "head_vocab", head_vocab,
           f"a draft head over the most frequent tokens is a distillation option; loss={c.loss!r} does not use it")
-    if c.loss == "distill":
-        check("teacher" in c, "teacher", None, "loss='distill' needs a teacher block (configs/distill.py)")
+    if info.needs_teacher:
+        check("teacher" in c, "teacher", None, f"loss={c.loss!r} needs a teacher block (configs/distill.py)")
         t_layers = _check_model(c.teacher, "teacher")
         layers = tuple(c.model.get("from_teacher_layers", ()) or ())
         check(all(0 <= int(i) < t_layers for i in layers), "model.from_teacher_layers", layers,

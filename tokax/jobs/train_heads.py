@@ -1,6 +1,6 @@
 """Job: train blockwise / Medusa heads on a frozen target (``configs/blockwise.py``);
 writes ``workdir/heads.npz`` (load with ``tokax.decode.proposers.load_params``; decode with
-``configs/speculative.py --config.method=blockwise --config.blockwise_heads=...``),
+``configs/speculative.py --config.method=blockwise --config.blockwise.heads=...``),
 ``workdir/log.jsonl`` and ``workdir/summary.json`` (held-out accuracy per head). Progress
 lines (JSON) go to stderr, the path of the saved heads to stdout."""
 

@@ -156,6 +156,15 @@ def compact(cache: KVCache, start: jax.Array, keep: jax.Array, n_keep: jax.Array
     return rollback(out, start + n_keep)
 
 
+def take_rows(cache: KVCache, idx: jax.Array) -> KVCache:
+    """A cache of the rows ``idx [B']`` of ``cache``, in that order (a row may repeat): forking
+    a row k ways (beams, candidate continuations) or reordering rows by a selection."""
+    idx = jnp.asarray(idx, jnp.int32)
+    take = lambda x: jnp.take(x, idx, axis=0)  # noqa: E731
+    return KVCache(k=tuple(take(x) for x in cache.k), v=tuple(take(x) for x in cache.v), pos=take(cache.pos),
+                   length=take(cache.length))
+
+
 def block_visibility(cache: KVCache, block_mask: jax.Array, block_start: jax.Array) -> jax.Array:
     """``[B, T, S]``: ``block_mask [B, T, T]`` (which new tokens each new token
     may see, e.g. a tree's ancestor-or-self relation, so that siblings at equal

@@ -1,4 +1,4 @@
-"""Training data: corpus, tokenizers, packed SFT batches and preference batches.
+"""Training batches: tokenizers, packed SFT batches, preference and unpaired batches.
 
 Everything here is host-side numpy and deterministic: the order of examples
 is a function of ``(seed, epoch)`` only, and an iterator's whole position is
@@ -21,46 +21,33 @@ gradient accumulation: ``[A, b, T]`` (A micro-batches of b rows of T tokens).
 * Unpaired (KTO / BCO): (prompt, completion, label) -> one such sequence per
   example, plus KTO's mismatched pairs (prompt_i, completion_{i+1 mod b}).
 
-The corpus needs no download: the Python standard library's own source
-files (``os.path.dirname(os.__file__)``), cut into pieces at top-level
-statements, with a fixed held-out split by a hash of each file's path.
+The texts come from ``tokax.data``: pieces of the standard-library corpus
+(``tokax.data.stdlib``) and the code preference task (``tokax.data.preference``).
 """
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import io
-import json
 import logging
 import os
-import random
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
+from tokax.data.stdlib import read_source, stdlib_files
 from tokax.errors import InputError
 
 __all__ = [
     "TokenizerLike",
     "ByteTokenizer",
-    "train_code_tokenizer",
     "get_tokenizer",
-    "stdlib_files",
-    "split_of",
-    "corpus_pieces",
     "PackedTextIterator",
     "pack_documents",
     "encode_preference",
     "encode_unpaired",
     "PreferenceIterator",
     "UnpairedIterator",
-    "build_code_preference_task",
-    "read_jsonl",
-    "write_jsonl",
     "BadExampleError",
 ]
 
@@ -80,10 +67,6 @@ class TokenizerLike(Protocol):
 
 class BadExampleError(InputError):
     """A training example that cannot be turned into a valid batch row."""
-
-
-class DataFileError(InputError):
-    """A data file that is missing or malformed; the message names the file and line."""
 
 
 # ----------------------------------------------------------------------------
@@ -108,49 +91,6 @@ class ByteTokenizer:
         return bytes(int(i) - 4 for i in ids if int(i) >= 4).decode("utf-8", errors="replace")
 
 
-def train_code_tokenizer(texts: Sequence[str], vocab_size: int, path: str | os.PathLike[str]) -> Any:
-    """Train a byte-fallback BPE sentencepiece model on ``texts`` and save it at ``path``.
-
-    Ids: pad 0, unk 1, bos 2, eos 3; ``\\n`` is a piece of its own and runs
-    of spaces are kept (code indentation), no text normalisation, no dummy
-    prefix. Deterministic for fixed texts (one thread, no input sampling).
-    Returns a ``tokax.tokenize.Tokenizer``.
-    """
-    import sentencepiece as spm
-
-    from tokax.tokenize import Tokenizer
-
-    lines = [ln for t in texts for ln in t.split("\n") if ln.strip()]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=buf,
-        vocab_size=int(vocab_size),
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=0.9995,  # rare characters fall back to byte pieces
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        user_defined_symbols=["\n"],
-        pad_id=0,
-        unk_id=1,
-        bos_id=2,
-        eos_id=3,
-        num_threads=1,
-        minloglevel=2,
-    )
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a model
-    return Tokenizer(buf.getvalue())
-
-
 def get_tokenizer(kind: str, vocab_size: int = 1024, cache_dir: str | None = None) -> Any:
     """'bytes' (ByteTokenizer), 'spm' (stdlib-trained BPE of ``vocab_size``,
     cached as ``cache_dir/stdlib_bpe_<V>.model``) or 'gemma3' (Gemma 3's own)."""
@@ -161,193 +101,16 @@ def get_tokenizer(kind: str, vocab_size: int = 1024, cache_dir: str | None = Non
 
         return load_gemma3_tokenizer()
     if kind == "spm":
-        from tokax.tokenize import Tokenizer
+        from tokax.tokenize import Tokenizer, train_code_tokenizer
 
         path = os.path.join(cache_dir or ".", f"stdlib_bpe_{int(vocab_size)}.model")
         if os.path.exists(path):
             return Tokenizer.from_file(path)
         files = stdlib_files("train")
         # A fixed, spread-out sample (every 4th file) keeps training to seconds.
-        texts = [_read(f) for f in files[::4]]
+        texts = [read_source(f) for f in files[::4]]
         return train_code_tokenizer(texts, vocab_size, path)
     raise ValueError(f"data.tokenizer={kind!r}: use 'bytes', 'spm' or 'gemma3'")
-
-
-# ----------------------------------------------------------------------------
-# corpus: the Python standard library
-# ----------------------------------------------------------------------------
-
-_EXCLUDE_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-# Generated files that are not Python source. pydoc_data/topics.py (the reference manual as a dict of
-# strings) is also where benchmarks/speculative.py takes its prose prompts: kept out of every split.
-_EXCLUDE_FILES = {os.path.join("pydoc_data", "topics.py")}
-
-
-def stdlib_root() -> str:
-    return os.path.dirname(os.__file__)
-
-
-def split_of(relpath: str, eval_percent: int = 5) -> str:
-    """'eval' for a fixed ~``eval_percent``% of files (by CRC32 of the path), else 'train'."""
-    return "eval" if zlib.crc32(relpath.replace(os.sep, "/").encode()) % 100 < eval_percent else "train"
-
-
-def stdlib_files(split: str = "train", eval_percent: int = 5, root: str | None = None) -> list[str]:
-    """Sorted paths of the standard library's ``.py`` source files in ``split``.
-
-    Test suites, site-packages and machine-generated files (``_sysconfigdata*``,
-    ``pydoc_data/topics.py``) are left out; the split is by path hash so it does not depend on which
-    other files a Python build ships.
-    """
-    if split not in ("train", "eval", "all"):
-        raise ValueError(f"split={split!r}: use 'train', 'eval' or 'all'")
-    root = root or stdlib_root()
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDE_DIRS and not d.startswith("config-"))
-        for fn in sorted(filenames):
-            if not fn.endswith(".py") or fn.startswith("_sysconfigdata"):
-                continue
-            full = os.path.join(dirpath, fn)
-            rel = os.path.relpath(full, root)
-            if rel in _EXCLUDE_FILES:
-                continue
-            if split == "all" or split_of(rel, eval_percent) == split:
-                out.append(full)
-    return sorted(out)
-
-
-def function_prefixes(paths: Sequence[str], min_lines: int = 12, max_lines: int = 25,
-                      per_file: int | None = None) -> list[str]:
-    """Code-completion prompts: the opening of each function or method of ``paths`` (in
-    ``ast.walk`` order) that has a docstring and at least ``min_lines`` lines, dedented: its
-    first third (3 to ``max_lines`` lines: signature, docstring head, the body's first lines).
-    ``per_file``: at most that many per file. Files that do not parse are skipped."""
-    import textwrap
-
-    out = []
-    for path in paths:
-        src = _read(path)
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:
-            continue
-        lines = src.splitlines(keepends=True)
-        taken = 0
-        for node in ast.walk(tree):
-            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)
-                    and node.end_lineno - node.lineno + 1 >= min_lines):
-                body = lines[node.lineno - 1: node.end_lineno]
-                cut = max(3, len(body) // 3)
-                out.append(textwrap.dedent("".join(body[: min(cut, max_lines)])))
-                taken += 1
-                if per_file is not None and taken >= per_file:
-                    break
-    return out
-
-
-def training_function_prefixes(seed: int = 0) -> list[str]:
-    """``function_prefixes`` of the stdlib's training split, shuffled with ``seed``: the
-    prompts of the shipped greedy corpus (``experiments/build_greedy_corpus.py``), in its order."""
-    prompts = function_prefixes(stdlib_files("train"))
-    random.Random(seed).shuffle(prompts)
-    return prompts
-
-
-def greedy_code_pairs(tokenizer: Any, prompt_tokens: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(prompt ids, continuation ids)`` for every document of the shipped greedy corpus:
-    the prompt as Gemma 3 270M read it (``[bos] + text``, its last ``prompt_tokens``) and the
-    64 tokens it then wrote greedily. Training data for drafts and acceptance heads that
-    should predict what this target writes, in the contexts it writes them. Checks that each
-    document's stored context ends its prompt (the corpus and the prompts agree)."""
-    from tokax import ASSETS_DIR
-    from tokax.decode.proposers.retrieval import GREEDY_CORPUS, greedy_corpus_docs
-
-    docs = greedy_corpus_docs()
-    ctx = int(json.loads((ASSETS_DIR / GREEDY_CORPUS / "summary.json").read_text())["context"])
-    prompts = training_function_prefixes()[: len(docs)]
-    out = []
-    for i, (text, doc) in enumerate(zip(prompts, docs)):
-        ids = np.asarray(tokenizer.encode(text, add_bos=True)[-prompt_tokens:], np.int32)
-        if not np.array_equal(ids[-ctx:], doc[:ctx]):
-            raise ValueError(f"greedy corpus document {i} does not continue prompt {i}: "
-                             "the corpus and the stdlib on this machine disagree")
-        out.append((ids, np.asarray(doc[ctx:], np.int32)))
-    return out
-
-
-def continuation_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], length: int | None = None):
-    """Arrays for a batch of ``(prompt, continuation)`` pairs (``greedy_code_pairs``): tokens
-    ``[B, L]`` (prompt then continuation, right-padded with 0), real lengths ``[B]``, the
-    position before each continuation token ``at [B, C]`` (where a draft predicts it) and the
-    continuation tokens ``[B, C]``. ``L`` = ``length`` or the longest pair."""
-    C = len(pairs[0][1])
-    L = length or max(len(p) + len(c) for p, c in pairs)
-    toks = np.zeros((len(pairs), L), np.int32)
-    lengths = np.zeros((len(pairs),), np.int32)
-    at = np.zeros((len(pairs), C), np.int32)
-    for b, (p, c) in enumerate(pairs):
-        if len(c) != C:
-            raise ValueError("continuations of different lengths in one batch")
-        toks[b, :len(p)], toks[b, len(p):len(p) + C] = p, c
-        lengths[b] = len(p) + C
-        at[b] = len(p) - 1 + np.arange(C)
-    return toks, lengths, at, np.stack([np.asarray(c, np.int32) for _, c in pairs])
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
-
-
-def _pieces(text: str, target_chars: int) -> list[str]:
-    """Cut source text into pieces of about ``target_chars`` at top-level
-    statements (a line that starts in column 0 and is not a comment or a
-    closing bracket), so a piece is mostly whole definitions."""
-    lines = text.splitlines(keepends=True)
-    out, cur, size = [], [], 0
-    for ln in lines:
-        top = ln[:1] not in ("", " ", "\t", "#", "\n", ")", "]", "}") and not ln.startswith(("else", "elif", "except", "finally"))
-        if cur and ((size >= target_chars and top) or size >= 4 * target_chars):
-            out.append("".join(cur))
-            cur, size = [], 0
-        cur.append(ln)
-        size += len(ln)
-    if cur:
-        out.append("".join(cur))
-    return [p for p in out if p.strip()]
-
-
-def corpus_pieces(split: str = "train", target_chars: int = 2000, max_files: int | None = None,
-                  eval_percent: int = 5) -> list[str]:
-    """The stdlib corpus of ``split`` as a list of text pieces (the packing unit)."""
-    files = stdlib_files(split, eval_percent)
-    if max_files:
-        files = files[: int(max_files)]
-    out: list[str] = []
-    for f in files:
-        out.extend(_pieces(_read(f), target_chars))
-    if not out:
-        raise ValueError(f"the stdlib corpus split {split!r} is empty (stdlib at {stdlib_root()})")
-    return out
-
-
-def frequent_token_ids(tok: Any, n: int, split: str = "train", max_files: int | None = None) -> np.ndarray:
-    """The ``n`` most frequent token ids of the stdlib corpus ``split`` under
-    ``tok`` (ties broken by id), sorted by id: the vocabulary of a draft head
-    over a frequent-token subset. BOS/EOS are always included, since a draft
-    must be able to end a sequence the way its target does."""
-    vocab = int(tok.vocab_size)
-    if not 1 <= n <= vocab:
-        raise ValueError(f"head vocabulary n={n} must be in [1, {vocab}] (the tokenizer's vocabulary)")
-    counts = np.zeros(vocab, np.int64)
-    for piece in corpus_pieces(split, max_files=max_files):
-        counts += np.bincount(np.asarray(tok.encode(piece), np.int64), minlength=vocab)[:vocab]
-    for special in (getattr(tok, "bos_id", None), getattr(tok, "eos_id", None)):
-        if special is not None and 0 <= int(special) < vocab:
-            counts[int(special)] = counts.max() + 1
-    order = np.lexsort((np.arange(vocab), -counts))  # most frequent first, then lower id
-    return np.sort(order[:n]).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------
@@ -652,138 +415,3 @@ class UnpairedIterator(_EpochIterator):
             for name, arr in zip(("tokens", "targets", "positions", "mask"), zip(*rows)):
                 out[prefix + name] = np.stack(arr)
         return {k: v.reshape(self.grad_accum, b, *v.shape[1:]) for k, v in out.items()}
-
-
-# ----------------------------------------------------------------------------
-# a preference task scored without humans: real vs corrupted code continuations
-# ----------------------------------------------------------------------------
-
-
-def _functions(src: str) -> list[list[str]]:
-    """Source lines of every (async) function in ``src`` that parses, with >= 3 body lines."""
-    try:
-        tree = ast.parse(src)
-    except (SyntaxError, ValueError):
-        return []
-    lines = src.splitlines()
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno:
-            fn = lines[node.lineno - 1 : node.end_lineno]
-            if len(fn) >= 4:
-                out.append(fn)
-    return out
-
-
-def _indent(line: str) -> str:
-    return line[: len(line) - len(line.lstrip())]
-
-
-def build_code_preference_task(split: str = "train", n: int = 2000, seed: int = 0, context_lines: int = 8,
-                               max_line_chars: int = 100) -> list[dict[str, str]]:
-    """Deterministic (prompt, chosen, rejected) examples from stdlib functions.
-
-    prompt = up to ``context_lines`` lines of a function (always starting at
-    its ``def`` line when it fits), chosen = the real next line, rejected =
-    with equal probability (a) a line from another function, re-indented to
-    the real line's indentation (plausible code, wrong place) or (b) the real
-    line with its words shuffled (the right tokens, broken code). The task
-    is scored without humans: a model "prefers" chosen when its log-prob of
-    chosen given the prompt is higher. Each example has a ``kind`` field
-    ('other_function' or 'shuffled'). Files come from ``split`` of the corpus,
-    so train and eval examples never share a source file.
-    """
-    rng = random.Random(f"{seed}:{split}")
-    fns = []
-    for f in stdlib_files(split):
-        fns.extend(_functions(_read(f)))
-    if len(fns) < 2:
-        raise ValueError(f"too few functions in the {split!r} split to build the task")
-    body_lines = [ln for fn in fns for ln in fn[1:] if 8 <= len(ln.strip()) <= max_line_chars and not ln.strip().startswith("#")]
-    out: list[dict[str, str]] = []
-    seen = set()
-    tries = 0
-    while len(out) < n and tries < 50 * n:
-        tries += 1
-        fn = fns[rng.randrange(len(fns))]
-        k = rng.randrange(1, len(fn))  # index of the line to predict
-        real = fn[k]
-        s = real.strip()
-        if not (8 <= len(s) <= max_line_chars) or s.startswith(("#", '"', "'")):
-            continue
-        start = 0 if k <= context_lines else k - context_lines
-        prompt = "\n".join(fn[start:k]) + "\n"
-        if rng.random() < 0.5:
-            kind = "other_function"
-            other = body_lines[rng.randrange(len(body_lines))].strip()
-            if other == s:
-                continue
-            rejected = _indent(real) + other
-        else:
-            kind = "shuffled"
-            words = s.split()
-            if len(set(words)) < 2:
-                continue
-            perm = words[:]
-            while perm == words:
-                rng.shuffle(perm)
-            rejected = _indent(real) + " ".join(perm)
-        key = (prompt, real)
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append({"prompt": prompt, "chosen": real + "\n", "rejected": rejected + "\n", "kind": kind})
-    return out
-
-
-def preference_to_unpaired(pairs: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
-    """KTO-style data from pairs: even-indexed pairs give their chosen (label True),
-    odd ones their rejected (label False), so every prompt appears once and the
-    labels are balanced."""
-    out = []
-    for i, ex in enumerate(pairs):
-        good = i % 2 == 0
-        out.append({"prompt": ex["prompt"], "completion": ex["chosen" if good else "rejected"], "label": good})
-    return out
-
-
-def write_jsonl(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file, one per non-blank line; a missing file, a line that is
-    not JSON or not an object raises ``DataFileError`` naming the file and line."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataFileError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
-    rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataFileError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line)") from e
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFileError(f"{path}:{n}: not a JSON object ({e.msg} at column {e.colno})") from e
-            if not isinstance(row, dict):
-                raise DataFileError(f"{path}:{n}: a JSON {type(row).__name__}, not an object")
-            rows.append(row)
-    return rows
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read())
-    return h.hexdigest()[:16]

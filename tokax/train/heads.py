@@ -276,7 +276,7 @@ def run(c, head_fn: HeadFn = apply_heads, init_fn: Callable[[int, int, jax.Array
     summary dict with per-head held-out accuracy vs the target's greedy token
     (and vs the data token) before and after training, and the trained
     ``hparams`` (the caller saves them, e.g. ``tokax.decode.proposers.save_params``)."""
-    from tokax.train.data import corpus_pieces
+    from tokax.data.stdlib import corpus_pieces
 
     t0 = time.time()
     out = open(log_file, "a") if log_file else None
@@ -324,7 +324,7 @@ def run(c, head_fn: HeadFn = apply_heads, init_fn: Callable[[int, int, jax.Array
     if int(c.get("head_vocab", 0) or 0):
         # Heads over a fixed frequent-token subset S (full softmax over S; the decoder restricts
         # drafts to S too): no sampled-softmax drift, and 1/16 of the unembedding's cost.
-        from tokax.train.data import frequent_token_ids
+        from tokax.data.stdlib import frequent_token_ids
 
         head_ids = frequent_token_ids(tok, int(c.head_vocab), "train", max_files=c.max_files or None)
         embed = embed[jnp.asarray(head_ids)]

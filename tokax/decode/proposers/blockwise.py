@@ -17,7 +17,7 @@ prediction" and only has to learn the shift.
 Decoding (the paper's predict / verify / accept, merged as in its Sec. 3:
 "the verify pass also proposes the next block"): the chain loop
 (``tokax.decode.speculative``) verifies ``[last, x_1..x_k]`` in one target
-pass; ``observe_hidden`` keeps ``h`` at the newest accepted token, whose
+pass; ``observe`` keeps ``h`` at the newest accepted token, whose
 target prediction is the token the verifier just emitted (``t+1``), and
 the heads turn it into the next block's drafts ``x_1..x_k`` for positions
 ``t+2..t+1+k`` with no extra target pass. The first round has no hidden
@@ -48,10 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from tokax.decode.proposers import Context, Proposal
-from tokax.decode.proposers.draft_model import NEG_LOGIT
+from tokax.decode.proposers.base import ChainProposer, Context, Proposal
 from tokax.decode.sampling import SamplingParams, sample
-from tokax.model.heads import apply_heads, init_heads  # noqa: F401  (the formula; re-exported here)
+from tokax.model.heads import NEG_LOGIT, apply_heads, init_heads  # noqa: F401  (the formula; re-exported here)
 
 Params = Any
 
@@ -84,21 +83,20 @@ class BlockwiseState:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockwiseProposer:
+class BlockwiseProposer(ChainProposer):
     """Chain proposer from ``k`` heads; ``pparams = init_heads(...)`` (or
     trained heads with at least ``k`` heads: the first ``k`` are used)."""
 
     k: int = 3
     sample_drafts: bool = True  # temperature > 0: draw drafts from the heads (else argmax, q one-hot)
-    can_be_empty = True  # the first round: no hidden yet, one-token pass
-    uses_target_hidden = True
+    # The first round has no hidden state yet (an empty draft, a one-token pass); the heads read
+    # the verify pass's hidden states (``observe``). Class constants, not fields.
+    can_be_empty = True
+    reads_target_hidden = True
 
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"blockwise k={self.k}: the number of heads per round must be >= 1")
-
-    def check(self, target_cfg) -> None:
-        pass
 
     def _check_heads(self, tparams, pparams) -> None:
         if pparams is None or "w" not in pparams:
@@ -127,13 +125,10 @@ class BlockwiseProposer:
         n = jnp.where(st.ready & ctx.live, self.k, 0).astype(jnp.int32)
         return Proposal(tokens=tokens, n=n, q_logits=q), st
 
-    def update(self, st, ctx, n_draft, n_acc, live):
-        return st
-
-    def observe_hidden(self, st: BlockwiseState, hidden, n_acc, live) -> BlockwiseState:
-        # hidden [B, K+1, D]; index n_acc = the state after the newest accepted token.
-        h = jnp.take_along_axis(hidden, n_acc[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-        return BlockwiseState(hidden=jnp.where(live[:, None], h, st.hidden), ready=st.ready | live)
+    def observe(self, st: BlockwiseState, out) -> BlockwiseState:
+        # The target's state after the newest accepted token (block index n_acc).
+        h = out.last_hidden.astype(jnp.float32)
+        return BlockwiseState(hidden=jnp.where(out.live[:, None], h, st.hidden), ready=st.ready | out.live)
 
 
 # ----------------------------------------------------------------------------

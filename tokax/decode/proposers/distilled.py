@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokax import ASSETS_DIR
-from tokax.decode.proposers.draft_model import subset_head_params
+from tokax.model.heads import subset_head_params
 from tokax.model import lora as lora_lib
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Params

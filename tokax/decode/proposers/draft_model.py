@@ -30,54 +30,30 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from tokax.decode.proposers import Context, Proposal
+from tokax.decode.proposers.base import ChainProposer, Context, Proposal
 from tokax.decode.sampling import SamplingParams, sample
 from tokax.model import kv_cache as kvc
 from tokax.model.config import ModelConfig
-from tokax.model.decoder import Params, forward, unembed
-
-
-# Logit of the tokens outside a subset head: exp(NEG - max) is exactly 0 in float32, so q = 0
-# there, without the inf - inf = nan that -inf could produce in downstream arithmetic.
-NEG_LOGIT = -1e30
-
-
-def is_subset_head(p: Any) -> bool:
-    """Whether draft params ``p`` carry a head over a token subset
-    (``subset_head_params``) instead of the tied full-vocabulary head."""
-    return isinstance(p, dict) and "head_ids" in p
-
-
-def subset_head_params(decoder_params: Params, head_ids: jax.Array) -> dict:
-    """Draft params whose output head covers only ``head_ids [S]`` (sorted,
-    distinct): their rows of the tied embedding, gathered once here so that a
-    draft step costs ``S`` instead of ``V`` dot products. The draft's
-    distribution is the full head's conditioned on the subset, q(v) = 0 for
-    v outside it; speculative sampling stays exact for any q."""
-    ids = jnp.asarray(head_ids, jnp.int32)
-    return {"decoder": decoder_params, "head_ids": ids, "head_w": jnp.take(decoder_params["embed"], ids, axis=0)}
-
-
-def decoder_of(p: Any) -> Params:
-    return p["decoder"] if is_subset_head(p) else p
+from tokax.model.decoder import Params
+from tokax.model.heads import subset_head_params  # noqa: F401  (draft params with a subset head)
+from tokax.model.stream import Stream, head_logits
 
 
 def draft_unembed(cfg: ModelConfig, p: Any, hidden: jax.Array) -> jax.Array:
-    """Draft logits ``[..., V]`` float32 from final-normed ``hidden [..., D]``."""
-    if not is_subset_head(p):
-        return unembed(cfg, p, hidden)
-    sub = jnp.einsum("...d,sd->...s", hidden, p["head_w"].astype(hidden.dtype), preferred_element_type=jnp.float32)
-    full = jnp.full((*hidden.shape[:-1], cfg.vocab_size), NEG_LOGIT, jnp.float32)
-    return full.at[..., p["head_ids"]].set(sub)
+    """Draft logits ``[..., V]`` float32 from final-normed ``hidden [..., D]`` (either head)."""
+    return head_logits(cfg, p, hidden)
 
 
 def draft_forward(cfg: ModelConfig, p: Any, tokens, positions, cache=None, block_mask=None, return_logits=True,
                   write_cache: bool = True):
-    """``forward`` for draft params with either head: ``(logits or None, hidden, cache)``
-    (with ``write_cache=False``, the block's ``BlockKV`` in place of the cache)."""
-    _, hidden, cache = forward(cfg, decoder_of(p), tokens, positions, cache, block_mask, return_logits=False,
-                               write_cache=write_cache)
-    return (draft_unembed(cfg, p, hidden) if return_logits else None), hidden, cache
+    """A draft model's pass with either head: ``(logits or None, hidden, cache)`` (with
+    ``write_cache=False``, the block's ``BlockKV`` in place of the cache; ``cache=None``: a
+    cache-free forward over the whole sequence)."""
+    s = Stream(cfg, p, cache)
+    if cache is not None and not write_cache:
+        return s.score(tokens, positions, block_mask, logits=return_logits)
+    logits, hidden, s = s.extend(tokens, positions, block_mask, logits=return_logits)
+    return logits, hidden, s.cache
 
 
 @struct.dataclass
@@ -96,9 +72,9 @@ def check_vocab(draft_cfg: ModelConfig, target_cfg: ModelConfig, what: str = "dr
 
 
 @dataclasses.dataclass(frozen=True)
-class DraftModelProposer:
+class DraftModelProposer(ChainProposer):
     """A separate draft decoder (``cfg``) with params ``pparams`` proposing up
-    to ``k`` tokens per round."""
+    to ``k`` tokens per round, on its own ``Stream`` (its KV cache in the state)."""
 
     cfg: ModelConfig  # the draft's config
     k: int = 4
@@ -108,9 +84,13 @@ class DraftModelProposer:
         if self.k < 1:
             raise ValueError(f"k={self.k}: the number of draft tokens per round must be >= 1")
 
-    # --- hooks for subclasses -------------------------------------------------
     def check(self, target_cfg: ModelConfig) -> None:
         check_vocab(self.cfg, target_cfg)
+
+    def context_limit(self) -> int:
+        return self.cfg.max_seq_len
+
+    # --- hooks for subclasses -------------------------------------------------
 
     def draft_params(self, tparams: Params, pparams: Any) -> Params:
         """The decoder params the draft runs with."""
@@ -129,13 +109,9 @@ class DraftModelProposer:
     # --- proposer protocol ----------------------------------------------------
     def init(self, tparams, pparams, prompt: jax.Array, prompt_len: jax.Array, cache_len: int) -> DraftState:
         """Prefill the draft cache with all prompt tokens but the last two."""
-        B, P = prompt.shape
-        cache = kvc.init_cache(self.cfg, B, cache_len)
-        ar = jnp.arange(P, dtype=jnp.int32)[None, :]
-        positions = jnp.where(ar < (prompt_len - 2)[:, None], ar, -1)
-        _, _, cache = draft_forward(self.cfg, self.draft_params(tparams, pparams), prompt, positions, cache,
-                                    return_logits=False)
-        return DraftState(cache=cache, start=cache.length)
+        draft = Stream.empty(self.cfg, self.draft_params(tparams, pparams), prompt.shape[0], cache_len)
+        draft = draft.prefill(prompt, prompt_len - 2)
+        return DraftState(cache=draft.cache, start=draft.length)
 
     def propose(self, tparams, pparams, st: DraftState, ctx: Context, sp: SamplingParams, rng: jax.Array):
         cfg, K = self.cfg, self.k
@@ -152,8 +128,8 @@ class DraftModelProposer:
 
         toks = jnp.stack([seq_at(prev_i), seq_at(last_i)], axis=1)  # [B, 2]
         pos = jnp.stack([jnp.where(live & (prev_i >= 0), prev_i, -1), jnp.where(live, last_i, -1)], axis=1)
-        _, hidden, cache = draft_forward(cfg, dp, toks, pos, st.cache, return_logits=False)
-        q1 = draft_unembed(cfg, dp, hidden[:, 1])  # only the newest token's logits are needed
+        _, hidden, draft = Stream(cfg, dp, st.cache).extend(toks, pos, logits=False)
+        q1 = draft.logits(hidden[:, 1])  # only the newest token's logits are needed
         keys = jax.random.split(rng, K)
 
         def draw(i, q, drafts, qlog, n, active):
@@ -175,25 +151,25 @@ class DraftModelProposer:
             i, _, _, _, active, _, _ = c
             return (i < K) & jnp.any(active)
 
-        def body(c):
+        def body(c):  # carries the draft's cache only (its params are the closure's)
             i, drafts, qlog, n, active, score, cache = c
             d_prev = jnp.take_along_axis(drafts, (i - 1) * jnp.ones((B, 1), jnp.int32), axis=1)  # [B, 1]
             p = jnp.where(active, last_i + i, -1)[:, None]
-            lg, hid, cache = draft_forward(cfg, dp, d_prev, p, cache)
+            lg, hid, d = Stream(cfg, dp, cache).extend(d_prev, p)
             ok, score = self.continue_before(pparams, hid[:, 0], score)
             active = active & ok
             drafts, qlog, n, active = draw(i, lg[:, 0], drafts, qlog, n, active)
-            return i + 1, drafts, qlog, n, active, score, cache
+            return i + 1, drafts, qlog, n, active, score, d.cache
 
         _, drafts, qlog, n, _, _, cache = jax.lax.while_loop(
-            cond, body, (jnp.asarray(1, jnp.int32), drafts, qlog, n, active, score, cache)
+            cond, body, (jnp.asarray(1, jnp.int32), drafts, qlog, n, active, score, draft.cache)
         )
         return Proposal(tokens=drafts, n=n, q_logits=qlog), DraftState(cache=cache, start=start)
 
     def update(self, st: DraftState, ctx: Context, n_draft, n_acc, live) -> DraftState:
         """Keep ``[prev, last, x_1 .. x_{n_acc - 1}]`` of this round (nothing for finished rows)."""
         keep = jnp.where(live, st.start + n_acc + 1, st.start)
-        return DraftState(cache=kvc.rollback(st.cache, keep), start=keep)
+        return DraftState(cache=kvc.rollback(st.cache, keep), start=keep)  # a rollback needs no params
 
 
 def truncated_draft(target_cfg: ModelConfig, tparams: Params, n_layers: int) -> tuple[ModelConfig, Params]:

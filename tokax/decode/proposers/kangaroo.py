@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tokax.decode.proposers.draft_model import DraftModelProposer, draft_forward, is_subset_head, subset_head_params
+from tokax.decode.proposers.draft_model import DraftModelProposer, draft_forward
+from tokax.model.heads import is_subset_head, subset_head_params
 from tokax.model.config import ModelConfig
 from tokax.model.decoder import Block, Params, forward
 
@@ -125,7 +126,7 @@ def load_adapter(path: str, target_cfg: ModelConfig, tparams: Params, n_shallow:
     writes it, which becomes ``with_subset_head``'s dict. The adapter is cast to the target's dtype and
     must be layer ``n_shallow``'s shape (and, where the file says, trained after ``n_shallow``
     layers)."""
-    from tokax.decode.proposers import load_params
+    from tokax.decode.proposers.weights import load_params
 
     tree = load_params(path)
     if "n_shallow" in tree and int(tree["n_shallow"]) != n_shallow:
@@ -226,7 +227,7 @@ def greedy_ce_loss(proposer: KangarooProposer, tparams: Params, pparams: Any, to
                    lengths: jax.Array, at: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean ``greedy_scores`` NLL over the valid positions: the adapter's objective for greedy
     decoding when the target's own greedy text is the data
-    (``tokax.train.data.greedy_code_pairs``), so no target pass is needed. With a subset head,
+    (``tokax.data.greedy.greedy_code_pairs``), so no target pass is needed. With a subset head,
     targets outside the subset are left out of the mean."""
     nll, valid, _ = greedy_scores(proposer, tparams, pparams, tokens, lengths, at, targets)
     valid = valid.astype(jnp.float32)

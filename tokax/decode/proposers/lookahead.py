@@ -16,7 +16,7 @@ Here (one chain of ``K`` drafts per target pass, ``tokax.decode.speculative``):
 * The verify pass of ``[last, x_1..x_K]`` *is* the Jacobi step: the target's
   argmax ``y_i`` at block position ``i`` is the updated guess for the
   position after ``x_i`` (recovered by unembedding the hidden states given to
-  ``observe_hidden``; one extra ``[K+1, V]`` product per round because the
+  ``observe``; one extra ``[K+1, V]`` product per round because the
   loop does not hand over its logits). After ``n_acc`` accepted drafts the
   window shifts: the next guesses are ``y_{n_acc+1..K}`` (Jacobi), padded
   with ``y_K`` where the window has run past what the pass computed.
@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from tokax.decode.proposers import Context, Proposal
+from tokax.decode.proposers.base import ChainProposer, Context, Proposal
 
 
 @struct.dataclass
@@ -91,13 +91,13 @@ def _lookup_row(keys, vals, ptr, key):
 
 
 @dataclasses.dataclass(frozen=True)
-class LookaheadProposer:
+class LookaheadProposer(ChainProposer):
     k: int = 5  # chain length = Jacobi window W
     ngram: int = 4  # N: pooled n-grams are N tokens (key + N-1 drafts)
     pool_buckets: int = 1024  # P hash buckets per row
     pool_slots: int = 4  # G n-grams per bucket
-    can_be_empty = False  # every round drafts (Jacobi guesses at worst)
-    uses_target_hidden = True
+    can_be_empty = False  # every round drafts (Jacobi guesses at worst); class constants, not fields
+    reads_target_hidden = True
 
     def __post_init__(self):
         if self.k < 1:
@@ -106,9 +106,6 @@ class LookaheadProposer:
             raise ValueError(f"lookahead ngram={self.ngram} must be in [2, k+1={self.k + 1}]")
         if self.pool_buckets < 1 or self.pool_slots < 1:
             raise ValueError("lookahead pool_buckets and pool_slots must be >= 1")
-
-    def check(self, target_cfg) -> None:
-        pass
 
     def init(self, tparams, pparams, prompt, prompt_len, cache_len) -> LookaheadState:
         B = prompt.shape[0]
@@ -176,13 +173,11 @@ class LookaheadProposer:
         n = jnp.where(ctx.live, K, 0).astype(jnp.int32)
         return Proposal(tokens=drafts, n=n), st.replace(block=block, trail=trail)
 
-    def update(self, st, ctx, n_draft, n_acc, live):
-        return st
-
-    def observe_hidden(self, st: LookaheadState, hidden, n_acc, live) -> LookaheadState:
-        keep = live[:, None, None]
+    def observe(self, st: LookaheadState, out) -> LookaheadState:
+        """Keep the verify pass's hidden states (its Jacobi guesses) and accepted count."""
+        live = out.live
         return st.replace(
-            hidden=jnp.where(keep, hidden.astype(jnp.float32), st.hidden),
-            n_acc=jnp.where(live, n_acc, st.n_acc),
+            hidden=jnp.where(live[:, None, None], out.hidden.astype(jnp.float32), st.hidden),
+            n_acc=jnp.where(live, out.n_acc, st.n_acc),
             seen=st.seen | live,
         )

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from tokax.decode.proposers import Context, Proposal
+from tokax.decode.proposers.base import ChainProposer, Context, Proposal
 
 
 def latest_match(seq: jax.Array, seq_len: jax.Array, suffix: jax.Array, limit: jax.Array) -> jax.Array:
@@ -68,17 +68,15 @@ def _check_sizes(k: int, min_ngram: int, max_ngram: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptLookupProposer:
+class PromptLookupProposer(ChainProposer):
+    """No match, no draft (``can_be_empty``): the loop then runs a one-token target pass."""
+
     k: int = 5
     max_ngram: int = 3
     min_ngram: int = 1
-    can_be_empty = True  # no match, no draft: the loop then runs a one-token target pass
 
     def __post_init__(self):
         _check_sizes(self.k, self.min_ngram, self.max_ngram)
-
-    def check(self, target_cfg) -> None:
-        pass
 
     def init(self, tparams, pparams, prompt, prompt_len, cache_len):
         return ()
@@ -99,9 +97,6 @@ class PromptLookupProposer:
         n_draft = jnp.where(found & ctx.live, jnp.minimum(self.k, L - cont), 0).astype(jnp.int32)
         return Proposal(tokens=tokens, n=n_draft), st
 
-    def update(self, st, ctx, n_draft, n_acc, live):
-        return st
-
 
 @struct.dataclass
 class ANPDState:
@@ -110,20 +105,16 @@ class ANPDState:
 
 
 @dataclasses.dataclass(frozen=True)
-class ANPDProposer:
+class ANPDProposer(ChainProposer):
     k: int = 5  # maximum draft length
     max_ngram: int = 4
     min_ngram: int = 1
     init_ngram: int = 2
-    can_be_empty = True
 
     def __post_init__(self):
         _check_sizes(self.k, self.min_ngram, self.max_ngram)
         if not self.min_ngram <= self.init_ngram <= self.max_ngram:
             raise ValueError(f"anpd init_ngram={self.init_ngram} must be in [min_ngram, max_ngram]")
-
-    def check(self, target_cfg) -> None:
-        pass
 
     def init(self, tparams, pparams, prompt, prompt_len, cache_len) -> ANPDState:
         B = prompt.shape[0]

@@ -38,9 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from tokax.decode.proposers import Context, Proposal
+from tokax.data.greedy import greedy_corpus_docs
+from tokax.data.stdlib import stdlib_docs, token_docs
+from tokax.decode.proposers.base import ChainProposer, Context, Proposal, TreeProposer
 from tokax.decode.proposers.ngram import PromptLookupProposer, _check_sizes, _suffix, write_token
-from tokax.decode.tree import Tree, TreeVerifier, valid_first
+from tokax.decode.tree import Tree, valid_first
 
 PROBES = 8  # hash slots tried per lookup (linear probing)
 
@@ -214,7 +216,7 @@ def table_draft(table: NGramTable, seq: jax.Array, seq_len: jax.Array, live: jax
 
 
 @dataclasses.dataclass(frozen=True)
-class RetrievalProposer:
+class RetrievalProposer(ChainProposer):
     """Prompt lookup; a row with no match in its own context drafts from the datastore
     (``pparams``, an ``NGramTable``) instead."""
 
@@ -223,15 +225,11 @@ class RetrievalProposer:
     min_ngram: int = 1
     min_conf: float = 0.3  # datastore drafting stops at a continuation with a smaller share
     prompt_lookup: bool = True  # False: the datastore alone (an ablation)
-    can_be_empty = True
 
     def __post_init__(self):
         _check_sizes(self.k, self.min_ngram, self.max_ngram)
         if not 0.0 <= self.min_conf <= 1.0:
             raise ValueError(f"retrieval min_conf={self.min_conf} must be in [0, 1]")
-
-    def check(self, target_cfg) -> None:
-        pass
 
     def init(self, tparams, pparams, prompt, prompt_len, cache_len):
         return ()
@@ -245,9 +243,6 @@ class RetrievalProposer:
         tokens, n = table_draft(table, ctx.seq, ctx.seq_len, ctx.live & (pl.n == 0), self.k, self.min_conf)
         use_pl = pl.n > 0
         return Proposal(tokens=jnp.where(use_pl[:, None], pl.tokens, tokens), n=jnp.where(use_pl, pl.n, n)), st
-
-    def update(self, st, ctx, n_draft, n_acc, live):
-        return st
 
 
 def _common_prefix(a: jax.Array, b: jax.Array, limit: jax.Array) -> jax.Array:
@@ -307,7 +302,7 @@ def merge_into_tree(cand: jax.Array, n_cand: jax.Array, branches: tuple[int, ...
 
 
 @dataclasses.dataclass(frozen=True)
-class RetrievalTreeProposer:
+class RetrievalTreeProposer(TreeProposer):
     """Retrieval drafts as a token tree (REST verifies a trie of retrieved continuations):
     the candidates, in priority order, are
 
@@ -349,15 +344,9 @@ class RetrievalTreeProposer:
     @property
     def verify_sizes(self) -> tuple[int, ...]:
         """Pass lengths for the tree loop: 1, 2, 4, .. and 1 + n_nodes (valid nodes come first)."""
-        from tokax.decode.speculative import verify_block_sizes
+        from tokax.decode.loop import verify_block_sizes
 
         return verify_block_sizes(self.n_nodes, None)
-
-    def check(self, target_cfg) -> None:
-        pass
-
-    def verifier(self):
-        return TreeVerifier()
 
     def init(self, tparams, pparams, prompt, prompt_len, cache_len):
         return ()
@@ -381,40 +370,10 @@ class RetrievalTreeProposer:
         return merge_into_tree(cand, n_cand, self.branches, ctx.live), st
 
 
-def _tokenized(tokenizer, paths) -> list[np.ndarray]:
-    docs = []
-    for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            docs.append(np.asarray(tokenizer.encode(f.read(), add_bos=True), np.int32))
-    return docs
-
-
 def stdlib_table(tokenizer, max_n: int = 3, min_count: int = 2, split: str = "train") -> NGramTable:
     """The datastore of the Python standard library's source (``split`` of
-    ``tokax.train.data.stdlib_files``; the benchmark's code prompts come from the other split)."""
-    return build_table(_stdlib_docs(tokenizer, split), max_n=max_n, min_count=min_count)
-
-
-def _stdlib_docs(tokenizer, split: str = "train") -> list[np.ndarray]:
-    from tokax.train.data import stdlib_files
-
-    return _tokenized(tokenizer, stdlib_files(split))
-
-
-GREEDY_CORPUS = "gemma3_270m_greedy_code"  # tokax/assets/<this>/tokens.npz
-
-
-def greedy_corpus_docs(name: str = GREEDY_CORPUS) -> list[np.ndarray]:
-    """The shipped greedy continuations of Gemma 3 270M on training-split code
-    (``experiments/build_greedy_corpus.py``), one token array per continuation."""
-    from tokax import ASSETS_DIR
-
-    path = ASSETS_DIR / name / "tokens.npz"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run experiments/build_greedy_corpus.py")
-    with np.load(path) as z:
-        tokens, lengths = z["tokens"], z["lengths"]
-    return np.split(tokens, np.cumsum(lengths)[:-1])
+    ``tokax.data.stdlib.stdlib_files``; the benchmark's code prompts come from the other split)."""
+    return build_table(stdlib_docs(tokenizer, split), max_n=max_n, min_count=min_count)
 
 
 CORPORA = ("stdlib", "greedy", "stdlib+greedy")
@@ -429,7 +388,7 @@ def corpus_table(tokenizer, corpus: str, max_n: int = 3, min_count: int = 2, gre
     if corpus in CORPORA:
         if greedy_weight < 1:
             raise ValueError(f"greedy_weight={greedy_weight}: need >= 1")
-        docs = _stdlib_docs(tokenizer) if "stdlib" in corpus else []
+        docs = stdlib_docs(tokenizer) if "stdlib" in corpus else []
         docs += greedy_corpus_docs() * greedy_weight if "greedy" in corpus else []
         return build_table(docs, max_n=max_n, min_count=min_count)
     import os
@@ -442,4 +401,4 @@ def corpus_table(tokenizer, corpus: str, max_n: int = 3, min_count: int = 2, gre
         paths += [os.path.join(root, fn) for fn in sorted(files) if fn.endswith((".py", ".txt", ".md"))]
     if not paths:
         raise ValueError(f"retrieval corpus {corpus!r} has no .py/.txt/.md files")
-    return build_table(_tokenized(tokenizer, paths), max_n=max_n, min_count=min_count)
+    return build_table(token_docs(tokenizer, paths), max_n=max_n, min_count=min_count)

@@ -4,7 +4,7 @@ Notation: for a pair (x, y_w, y_l),
     Delta = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
 with sequence log-probs SUMMED over the completion tokens, and the implicit
 reward r(x, y) = beta (log pi(y|x) - log pi_ref(y|x)), so beta * Delta =
-r(x, y_w) - r(x, y_l) = h (METHODS.md). The batch loss is the mean over pairs.
+r(x, y_w) - r(x, y_l) = h. The batch loss is the mean over pairs.
 Formulas follow TRL's `DPOTrainer.dpo_loss` (loss_type 'sigmoid' with
 `label_smoothing`, and 'robust'), which match the papers.
 """

@@ -17,8 +17,8 @@ def ipo_loss(batch: PreferenceBatch, *, beta: float = 0.1) -> tuple[Array, dict]
     where avg log pi(y) = log pi(y|x) / |y| (length-averaged over the
     completion tokens, for the policy AND the reference). The paper writes
     sums; length averaging is TRL's convention (DPOTrainer divides all log-probs
-    by the completion length when loss_type='ipo'), which we follow, as
-    METHODS.md asks. Equivalently (h/beta - 1/(2 beta))^2 with h = beta Delta_avg.
+    by the completion length when loss_type='ipo'), which we follow (the paper's
+    squared loss on per-token averages). Equivalently (h/beta - 1/(2 beta))^2 with h = beta Delta_avg.
     Rewards in the metrics are beta * (avg log-ratio), also as in TRL.
     """
     require(batch, ("ref_chosen_logps", "ref_rejected_logps"), "ipo")

@@ -43,7 +43,7 @@ def kto_loss(
     batch loss = mean over all B examples (TRL's `KTOTrainer`: the weighted
     per-example losses of both kinds concatenated and averaged). z0 =
     `kl_estimate` is the detached batch KL estimate from `kto_kl_estimate`
-    (in log-ratio units; METHODS.md's "sigmoid(r - z)" has beta folded into
+    (in log-ratio units; the paper's "sigmoid(r - z)" has beta folded into
     both). lambda_D / lambda_U are TRL's desirable_weight / undesirable_weight
     (the paper suggests lambda_D n_D / (lambda_U n_U) in [1, 4/3]).
 

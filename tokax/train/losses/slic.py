@@ -19,7 +19,7 @@ def hinge_loss(batch: PreferenceBatch, *, beta: float = 0.1) -> tuple[Array, dic
     the DPO paper's discussion) normalise by the reference: Delta is the
     difference of log-ratios to pi_ref (sequence sums) and beta = 1/delta, so
     L = max(0, 1 - beta Delta) = beta * max(0, delta - Delta). We follow TRL
-    (METHODS.md lists hinge as reference-based).
+    (hinge as a reference-based loss).
     """
     lr_w, lr_l = logratios(batch)
     losses = jax.nn.relu(1.0 - beta * (lr_w - lr_l))
