@@ -30,7 +30,7 @@ plain greedy (each framework against its own baseline).
         [--sweep --sweep-plot PNG] [--spectr] [--plot PNG] [--results JSON]
 
 tokax plain greedy is ``Generator(greedy_screen=True)``: its greedy tokens come
-from the same screen as the speculative methods' (until session 6 it computed
+from the same screen as the speculative methods' (before fe8fd16 it computed
 float32 logits, a few percent slower; ``benchmarks/screen.py --plain-loop``).
 Methods are the names of ``configs/speculative.py`` (chain and token-tree),
 with its default ``greedy_screen=True`` (greedy verification through the
@@ -214,7 +214,7 @@ def encode(tok, prompts, pad: str = "prompt"):
     bucket and method). Each prompt gets its own power-of-two bucket, as ``Generator.generate``
     picks by default: padding a 47-token prompt to its set's longest bucket makes every call
     pay a 512-token prefill, plain and speculative alike, which HF (unpadded) does not.
-    ``pad="set"`` (``--pad set``) restores the set-wide padding of the session-4 runs."""
+    ``pad="set"`` (``--pad set``) restores the set-wide padding of the runs up to cab3f39."""
     from tokax.decode.generate import bucket
 
     ids = [tok.encode(p, add_bos=True) for p in prompts]
@@ -279,7 +279,7 @@ def bench_tokax(sets: dict, args, target) -> dict:
             rows[method]["speedup"] = t_plain / rows[method]["seconds"]
             log(f"[{name}] {method}: {rows[method]}")
             # Drop this method's compiled programs: a long run otherwise runs out of memory
-            # mappings for compiled code (LLVM "Cannot allocate memory", session 7).
+            # mappings for compiled code (LLVM "Cannot allocate memory" in a run at bb3cbae).
             jax.clear_caches()
         res[name] = rows
     return res

@@ -81,7 +81,7 @@ def start(name: str, workdir: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def launched(request, tmp_path_factory):
-    """The smoke runs of the benchmarks this session selected, started together, two at a time:
+    """The smoke runs of the benchmarks this pytest run selected, started together, two at a time:
     ``{name: Future of its CompletedProcess}``."""
     mine = [it for it in request.session.items if it.module is request.module]
     names = [n for n in SMOKE if any(it.originalname == f"test_{n}" for it in mine)]
