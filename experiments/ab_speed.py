@@ -80,6 +80,14 @@ def main() -> None:
     runs = {"A": [], "B": []}
     decode = {"A": [], "B": []}
     turn = 0
+
+    def save(**extra):
+        """Everything measured so far (written after every run, so a cut-off A/B keeps its numbers)."""
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"a": args.a, "b": args.b, "spec_args": args.spec_args, "decode_args": args.decode_args,
+                           "runs": runs, "decode_speed": decode, **extra}, f, indent=1)
+
     for _ in range(args.passes):
         for g in groups:
             if not g:
@@ -88,8 +96,10 @@ def main() -> None:
             turn += 1
             for side in order:
                 runs[side].append(speculative(sides[side], g, shlex.split(args.spec_args), args.new_tokens))
+                save()
         for side in (("A", "B") if turn % 2 == 0 else ("B", "A")):
             decode[side].append(decode_speed(sides[side], shlex.split(args.decode_args)))
+            save()
         turn += 1
 
     def mean_rates(side):
@@ -109,10 +119,7 @@ def main() -> None:
                 print(f"| {s} | {m} | {a[s][m]:.1f} | {b[s][m]:.1f} | {b[s][m] / a[s][m]:.3f} |")
     da, db = sum(decode["A"]) / len(decode["A"]), sum(decode["B"]) / len(decode["B"])
     print(f"| decode_speed | tokax batch 1 | {da:.1f} | {db:.1f} | {db / da:.3f} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"a": args.a, "b": args.b, "spec_args": args.spec_args, "decode_args": args.decode_args,
-                       "runs": runs, "decode_speed": decode, "mean": {"A": a, "B": b}}, f, indent=1)
+    save(mean={"A": a, "B": b})
 
 
 if __name__ == "__main__":
