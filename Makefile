@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 export XLA_PYTHON_CLIENT_PREALLOCATE := false
 
-.PHONY: install install-bench demo test test-fast test-slow bench fixtures clean
+.PHONY: install install-bench demo test test-all test-fast test-slow bench fixtures clean
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ demo: install
 test: install install-bench
 	$(BIN)/python -m pytest -q -m "not slow" tests
 	$(BIN)/python -m pytest -q -m slow tests
+
+# Everything `make test` runs, plus the real-model checks it leaves to cheaper equivalents to
+# keep CI within its time (every speculative method on Gemma, not one of each kind).
+test-all: install install-bench
+	TOKAX_TEST_ALL=1 $(BIN)/python -m pytest -q -m "not slow" tests
+	TOKAX_TEST_ALL=1 $(BIN)/python -m pytest -q -m slow tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -29,11 +29,12 @@ def load_hf():
     return tok, model
 
 
-def hf_outputs(n_new: int = 64):
-    """Per prompt: HF's token ids, last-position logits [V] and greedy continuation."""
+def hf_outputs(n_new: int = 64, loaded=None):
+    """Per prompt: HF's token ids, last-position logits [V] and greedy continuation
+    (``loaded``: ``load_hf()``'s pair, when the caller has it already)."""
     import torch
 
-    tok, model = load_hf()
+    tok, model = loaded or load_hf()
     out = []
     with torch.no_grad():
         for p in PROMPTS:

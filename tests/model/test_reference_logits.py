@@ -25,6 +25,17 @@ def gemma():
     return Generator(cfg, params, tok), tok
 
 
+@pytest.fixture(scope="module")
+def hf():
+    """HF transformers' tokenizer and Gemma3ForCausalLM on the same GGUF, loaded once (the
+    GGUF's dequantisation is most of a live test's time)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests.model.hf_reference import load_hf
+
+    return load_hf()
+
+
 def last_logits(gen, ids):
     import jax.numpy as jnp
 
@@ -61,13 +72,11 @@ def test_against_fixture(gemma):
         assert out[: len(hf)] == hf, i
 
 
-def test_live_against_hf_transformers(gemma):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+def test_live_against_hf_transformers(gemma, hf):
     from tests.model.hf_reference import hf_outputs
 
     gen, _ = gemma
-    rows = hf_outputs(64)
+    rows = hf_outputs(64, hf)
     outs = gen.generate([r["ids"].tolist() for r in rows], max_new_tokens=64)
     for r, out in zip(rows, outs):
         lg = last_logits(gen, r["ids"].tolist())
@@ -77,23 +86,20 @@ def test_live_against_hf_transformers(gemma):
         assert out == r["greedy"].tolist()[: len(out)] and len(out) == len(r["greedy"])
 
 
-def test_distilled_draft_as_an_hf_assistant():
+def test_distilled_draft_as_an_hf_assistant(gemma, hf):
     """The distilled draft converted for HF assisted generation (``hf_reference.hf_draft``) computes
     the tokax draft's logits (full tied head), and HF assisted generation with it returns HF's
     plain greedy tokens (the benchmark's ``--hf-assisted`` comparison)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     import jax.numpy as jnp
     import torch
 
-    from tests.model.hf_reference import PROMPTS, hf_draft, load_hf
+    from tests.model.hf_reference import PROMPTS, hf_draft
     from tokax.decode.proposers.distilled import draft_meta, make_draft
     from tokax.model.decoder import forward_jit
-    from tokax.model.loaders.gguf import load_gemma3
 
-    cfg, params = load_gemma3("float32")
-    dcfg, dparams = make_draft(cfg, params, "distilled")
-    tok, hf = load_hf()
+    gen, _ = gemma
+    dcfg, dparams = make_draft(gen.cfg, gen.params, "distilled")
+    tok, hf = hf
     draft = hf_draft(hf, dparams, draft_meta()["layers"])
     for p in PROMPTS[:3]:
         ids = tok(p, return_tensors="pt").input_ids
