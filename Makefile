@@ -33,9 +33,8 @@ test: install install-bench
 
 # Everything `make test` runs, plus the real-model checks it leaves to cheaper equivalents to
 # keep CI within its time (every speculative method on Gemma, not one of each kind).
-test-all: install install-bench
-	TOKAX_TEST_ALL=1 $(BIN)/python -m pytest -q -m "not slow" tests
-	TOKAX_TEST_ALL=1 $(BIN)/python -m pytest -q -m slow tests
+test-all: export TOKAX_TEST_ALL := 1
+test-all: test
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import RUN_ALL
+from tests import all_only
 from tokax import testing as T
 from tokax.decode.generate import Generator
 from tokax.decode.proposers.blockwise import (
@@ -96,8 +96,7 @@ PROMPTS = ['def fib(n):\n    """Return the n-th Fibonacci number."""\n', "import
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not RUN_ALL, reason="TOKAX_TEST_ALL=1 only: make test runs blockwise (shipped heads) on Gemma "
-                    "in tests/decode/test_speculative_gemma.py and lookahead on tiny targets")
+@all_only("blockwise (shipped heads) on Gemma in tests/decode/test_speculative_gemma.py, lookahead on tiny targets")
 def test_gemma_greedy_lossless():
     from tokax.decode.proposers.lookahead import LookaheadProposer
     from tokax.model.loaders.gguf import load_gemma3

@@ -16,8 +16,8 @@ from contextlib import redirect_stdout
 import pytest
 
 import configs.speculative as spec_config
+from tests import all_only
 from tokax.decode.generate import Generator
-from tests import RUN_ALL
 from tokax.jobs.speculative import METHODS, make_generator, run
 
 PROMPTS = [
@@ -52,8 +52,8 @@ def test_every_registered_method_is_run_here():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [
-    pytest.param(m, marks=pytest.mark.skipif(m not in CI_METHODS and not RUN_ALL, reason=(
-        "one method of each kind runs on Gemma in `make test`; TOKAX_TEST_ALL=1 runs this one")))
+    pytest.param(m, marks=() if m in CI_METHODS else all_only("one method of each kind here, every method "
+                                                              "in tests/decode/test_lossless.py"))
     for m in METHODS])
 def test_gemma_greedy_lossless(gemma, method):
     """Chain and tree methods, each with its config's defaults as a user gets them (the shipped
