@@ -26,10 +26,11 @@ demo: install
 	$(BIN)/python -m tokax.run --config configs/demo.py
 
 # Fast suite first (no real model), then the `slow` real-model tests, which
-# include the live comparison against HF transformers (hence install-bench).
+# include the live comparison against HF transformers (hence install-bench). Each run lists
+# its slowest tests, so CI's log shows where its time goes.
 test: install install-bench
-	$(BIN)/python -m pytest -q -m "not slow" tests
-	$(BIN)/python -m pytest -q -m slow tests
+	$(BIN)/python -m pytest -q --durations=25 -m "not slow" tests
+	$(BIN)/python -m pytest -q --durations=25 -m slow tests
 
 # Everything `make test` runs, plus the real-model checks it leaves to cheaper equivalents to
 # keep CI within its time (every speculative method on Gemma, not one of each kind).
