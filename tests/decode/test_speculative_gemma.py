@@ -85,18 +85,20 @@ def test_every_method_builds_from_its_defaults_on_gemma(gemma):
 
 @pytest.mark.slow
 def test_job_prints_json_lines(gemma, tmp_path):
+    """The job (prompts file, Gemma loaded by the job itself) prints one JSON line per prompt.
+    It decodes the batch test_gemma_greedy_lossless[draft] did, so it reuses that compiled loop."""
     cfg, params, tok, ref = gemma
     f = tmp_path / "prompts.json"
-    f.write_text(json.dumps(PROMPTS[1:]))
-    c = spec_config.get_config("anpd")
+    f.write_text(json.dumps(PROMPTS))
+    c = spec_config.get_config("draft")
     c.prompts_file, c.json, c.max_new_tokens, c.batch_size = str(f), True, N_NEW, 8
     buf = io.StringIO()
     with redirect_stdout(buf):
         rows = run(c)
     lines = [json.loads(x) for x in buf.getvalue().splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0] == rows[0]
-    assert lines[0]["token_ids"] == ref[1] and lines[0]["prompt"] == PROMPTS[1]
-    assert set(lines[0]["stats"]) >= {"proposed", "accepted", "target_passes", "mean_accepted"}
+    assert len(lines) == len(PROMPTS) and lines == rows
+    assert [x["token_ids"] for x in lines] == ref and [x["prompt"] for x in lines] == PROMPTS
+    assert all(set(x["stats"]) >= {"proposed", "accepted", "target_passes", "mean_accepted"} for x in lines)
 
 
 @pytest.mark.slow

@@ -29,21 +29,23 @@ def load_hf():
     return tok, model
 
 
-def hf_outputs(n_new: int = 64, loaded=None):
+def hf_outputs(n_new: int = 64, loaded=None, n_greedy: int | None = None):
     """Per prompt: HF's token ids, last-position logits [V] and greedy continuation
-    (``loaded``: ``load_hf()``'s pair, when the caller has it already)."""
+    (``loaded``: ``load_hf()``'s pair, when the caller has it already; ``n_greedy``: decode
+    only the first N prompts, the rest get ``greedy=None``)."""
     import torch
 
     tok, model = loaded or load_hf()
     out = []
     with torch.no_grad():
-        for p in PROMPTS:
+        for i, p in enumerate(PROMPTS):
             ids = tok(p, return_tensors="pt").input_ids
             logits = model(ids).logits[0, -1].float().numpy()
-            gen = model.generate(ids, max_new_tokens=n_new, do_sample=False)  # stops at EOS, as tokax does
-            out.append(
-                dict(prompt=p, ids=ids[0].numpy().astype(np.int64), logits=logits, greedy=gen[0, ids.shape[1]:].numpy())
-            )
+            greedy = None
+            if n_greedy is None or i < n_greedy:
+                gen = model.generate(ids, max_new_tokens=n_new, do_sample=False)  # stops at EOS, as tokax does
+                greedy = gen[0, ids.shape[1]:].numpy()
+            out.append(dict(prompt=p, ids=ids[0].numpy().astype(np.int64), logits=logits, greedy=greedy))
     return out
 
 

@@ -76,14 +76,18 @@ def test_live_against_hf_transformers(gemma, hf):
     from tests.model.hf_reference import hf_outputs
 
     gen, _ = gemma
-    rows = hf_outputs(64, hf)
+    # Logits on every prompt; HF's greedy decoding (most of the time) on the first two, as
+    # test_against_fixture checks all of them against HF's stored continuations.
+    rows = hf_outputs(64, hf, n_greedy=2)
     outs = gen.generate([r["ids"].tolist() for r in rows], max_new_tokens=64)
     for r, out in zip(rows, outs):
         lg = last_logits(gen, r["ids"].tolist())
         rel = np.abs(lg - r["logits"]).max() / np.abs(r["logits"]).max()
         assert rel <= 1e-3, rel
         assert np.argsort(-lg)[:5].tolist() == np.argsort(-r["logits"])[:5].tolist()
-        assert out == r["greedy"].tolist()[: len(out)] and len(out) == len(r["greedy"])
+        if r["greedy"] is not None:
+            assert out == r["greedy"].tolist()[: len(out)] and len(out) == len(r["greedy"])
+    assert sum(r["greedy"] is not None for r in rows) == 2
 
 
 def test_distilled_draft_as_an_hf_assistant(gemma, hf):
