@@ -79,6 +79,7 @@ def test_live_against_hf_transformers(gemma, hf):
     # Logits on every prompt; HF's greedy decoding (most of the time) on the first two, as
     # test_against_fixture checks all of them against HF's stored continuations.
     rows = hf_outputs(64, hf, n_greedy=2)
+    # All six prompts in one batch: the program test_against_fixture compiled for the same ids.
     outs = gen.generate([r["ids"].tolist() for r in rows], max_new_tokens=64)
     for r, out in zip(rows, outs):
         lg = last_logits(gen, r["ids"].tolist())
